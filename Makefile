@@ -1,0 +1,78 @@
+# carapace.fleet: everything a fresh machine (Python 3.11, apt, pip) needs is installed from here.
+#   make test      set up, then lint, sanity and every pytest suite (CI runs this through .ci/run)
+#   make unit | integration | lint | sanity | doc      one part
+#   make refresh-trust-root                           re-pin Sigstore's production trusted_root.json
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+COLLECTIONS := $(CURDIR)/.collections
+COLLECTION_LINK := $(COLLECTIONS)/ansible_collections/carapace/fleet
+SANITY_ROOT := $(CURDIR)/build/sanity/ansible_collections/carapace/fleet
+VERSION := $(shell sed -n 's/^version: *//p' galaxy.yml)
+ARTIFACT := build/dist/carapace-fleet-$(VERSION).tar.gz
+# ansible-test fetches a pip bootstrap script from a host we cannot reach; we supply our own (see the script).
+ANSIBLE_TEST_PIP := $(HOME)/.ansible/test/cache/get_pip_24_2.py
+
+export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: test setup venv collection lint sanity unit integration doc build refresh-trust-root clean
+
+test: setup lint sanity doc unit integration
+	@echo "make test: all suites passed"
+
+setup: venv collection
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade 'pip>=24'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+# The working tree itself, importable as ansible_collections.carapace.fleet (edits apply at once).
+collection: $(COLLECTION_LINK)
+
+$(COLLECTION_LINK):
+	mkdir -p $(dir $@)
+	ln -sfn ../../.. $@
+
+lint: setup
+	$(BIN)/ansible-lint --offline --profile production
+
+# ansible-test wants the collection under ansible_collections/<ns>/<name> and lists files through git:
+# sanity runs on the built artifact (what Galaxy would ship), in a throwaway git repository.
+build: setup
+	rm -rf build/dist && mkdir -p build/dist
+	$(BIN)/ansible-galaxy collection build --force --output-path build/dist >/dev/null
+
+sanity: build
+	rm -rf build/sanity
+	$(BIN)/ansible-galaxy collection install --force -p build/sanity $(ARTIFACT) >/dev/null
+	cd $(SANITY_ROOT) && git init -q . && git add -A && \
+		git -c user.name=sanity -c user.email=sanity@localhost commit -q -m sanity
+	test -f $(ANSIBLE_TEST_PIP) || { mkdir -p $(dir $(ANSIBLE_TEST_PIP)) && cp scripts/ansible_test_get_pip.py $(ANSIBLE_TEST_PIP); }
+	cd $(SANITY_ROOT) && $(CURDIR)/$(BIN)/ansible-test sanity --python 3.11 --color no 2>&1 \
+		| { grep -vE '^(WARNING: Location|Looking in|Collecting|Downloading|Processing|Installing|Successfully|Requirement already|Attempting|Found existing|Uninstalling|  )' || true; }
+
+doc: setup
+	$(BIN)/ansible-doc carapace.fleet.cara_release >/dev/null
+	@echo "ansible-doc: carapace.fleet.cara_release renders"
+
+unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: setup
+	$(BIN)/python -m pytest -q tests/integration
+
+refresh-trust-root: setup
+	$(BIN)/python scripts/refresh_trust_root.py
+
+clean:
+	rm -rf build .pytest_cache $(COLLECTIONS)
