@@ -1,0 +1,138 @@
+# -*- coding: utf-8 -*-
+# Copyright: carapace.fleet maintainers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Bounded, hashing downloads of release files from http(s) mirrors or local directories.
+
+Domain logic only: the HTTP client is passed in (modules pass ansible-core's open_url), so this file has
+no Ansible imports. Every transfer is bounded in bytes and in time, and its sha256 is computed while it
+streams to disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from urllib.parse import quote, unquote, urlparse
+
+_CHUNK = 1 << 20
+DEFAULT_BASE_URL = "https://github.com/{repo}/releases/download/{tag}"
+
+
+class FetchError(Exception):
+    """A download failure with a machine-readable cause (not_found, http_error, timeout, too_large, truncated,
+    connection_error, bad_source) and an operator-facing message."""
+
+    def __init__(self, cause, message):
+        super().__init__(message)
+        self.cause = cause
+        self.message = message
+
+
+class Source:
+    """Where a release's files come from: an http(s) base URL, or a local directory (plain path or file://).
+
+    `{repo}` and `{tag}` in the base are replaced, so one mirror setting serves every tag.
+    """
+
+    def __init__(self, base_url, repo, tag):
+        base = (base_url or DEFAULT_BASE_URL).replace("{repo}", repo).replace("{tag}", tag)
+        self.base = base.rstrip("/")
+        parsed = urlparse(self.base)
+        if parsed.scheme in ("http", "https"):
+            self.local_dir = None
+        elif parsed.scheme == "file":
+            if parsed.netloc not in ("", "localhost"):
+                raise FetchError("bad_source", "base_url %s: file:// URLs must name a local path (file:///dir)" % base)
+            self.local_dir = unquote(parsed.path)
+        elif parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a Windows drive letter)
+            self.local_dir = os.path.abspath(os.path.expanduser(self.base))
+        else:
+            raise FetchError("bad_source", "base_url %s: unsupported scheme %r; use https://, http://, file:// or a "
+                             "local directory" % (base, parsed.scheme))
+
+    def location(self, name):
+        """The URL or path of one file of the release."""
+        if self.local_dir is not None:
+            return os.path.join(self.local_dir, name)
+        return "%s/%s" % (self.base, quote(name))
+
+
+def fetch(source, name, dest_path, opener, timeout, max_bytes):
+    """Copy one file of the release to `dest_path` (created 0600). Returns (sha256 hex, size).
+
+    `opener(url, timeout)` returns a file-like HTTP response (ansible-core's open_url, configured by the
+    caller with headers and certificate validation). `timeout` bounds the whole transfer, not only each
+    read, so a server that drips bytes cannot hold the run forever.
+    """
+    where = source.location(name)
+    deadline = time.monotonic() + timeout
+    if source.local_dir is not None:
+        if not os.path.isfile(where):
+            raise FetchError("not_found", "%s: not found at %s" % (name, where))
+        with open(where, "rb") as src:
+            return _stream(src, name, where, dest_path, deadline, timeout, max_bytes, os.path.getsize(where))
+    try:
+        resp = opener(where, timeout)
+    except Exception as exc:  # HTTPError, URLError, ssl, socket, ansible's ConnectionError: all end the run
+        raise _http_failure(name, where, timeout, exc) from exc
+    try:
+        length = resp.headers.get("Content-Length") if getattr(resp, "headers", None) is not None else None
+        expected = int(length) if length and length.strip().isdigit() else None
+        return _stream(resp, name, where, dest_path, deadline, timeout, max_bytes, expected)
+    finally:
+        resp.close()
+
+
+def _stream(src, name, where, dest_path, deadline, timeout, max_bytes, expected):
+    if expected is not None and expected > max_bytes:
+        raise FetchError("too_large", "%s: %s is %d bytes, over max_bytes=%d. Raise max_bytes if this release's "
+                         "files really are that large." % (name, where, expected, max_bytes))
+    h = hashlib.sha256()
+    size = 0
+    # read1 returns what has arrived instead of blocking until a whole chunk is in, so the deadline is
+    # checked while a slow server drips.
+    read = getattr(src, "read1", src.read)
+    fd = os.open(dest_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as out:
+        while True:
+            if time.monotonic() > deadline:
+                raise FetchError("timeout", "%s: download from %s took longer than timeout=%ss. Check the mirror or "
+                                 "raise timeout." % (name, where, timeout))
+            try:
+                chunk = read(_CHUNK)
+            except Exception as exc:
+                raise _read_failure(name, where, timeout, exc) from exc
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise FetchError("too_large", "%s: %s sent more than max_bytes=%d bytes. Raise max_bytes if this "
+                                 "release's files really are that large." % (name, where, max_bytes))
+            h.update(chunk)
+            out.write(chunk)
+    if expected is not None and size != expected:
+        raise FetchError("truncated", "%s: transfer from %s was truncated (%d of %d bytes). Retry; if it persists, "
+                         "check the mirror." % (name, where, size, expected))
+    return h.hexdigest(), size
+
+
+def _http_failure(name, where, timeout, exc):
+    code = getattr(exc, "code", None)
+    if code == 404:
+        return FetchError("not_found", "%s: not found at %s (HTTP 404)" % (name, where))
+    if isinstance(code, int):
+        return FetchError("http_error", "%s: HTTP %d from %s. Retry later or use a mirror (base_url)." % (name, code, where))
+    return _read_failure(name, where, timeout, exc)
+
+
+def _read_failure(name, where, timeout, exc):
+    text = "%s: %s" % (type(exc).__name__, exc)
+    if isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
+        return FetchError("timeout", "%s: no answer from %s within timeout=%ss (%s). Check the mirror or raise timeout."
+                          % (name, where, timeout, text))
+    if "IncompleteRead" in text:
+        return FetchError("truncated", "%s: transfer from %s was truncated (%s). Retry; if it persists, check the "
+                          "mirror." % (name, where, text))
+    return FetchError("connection_error", "%s: cannot download %s (%s). Check the network, the proxy, or use a "
+                      "mirror or a local directory (base_url)." % (name, where, text))
