@@ -1,0 +1,191 @@
+"""Shared fixtures for the integration tests: builds releases of the `cara` double and runs them as real processes."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
+if str(SUPPORT) not in sys.path:
+    sys.path.insert(0, str(SUPPORT))
+
+from cara_double import build_release, default_flavor  # noqa: E402
+
+# One release per flavor, named like the tags that behave that way (spec section 10).
+FLAVOR_VERSIONS = {"head": "0.9.0", "v0.8.0": "0.8.0"}
+
+
+def free_port():
+    """A loopback port that was free a moment ago (bound, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout=15.0, interval=0.02, what="condition"):
+    """Poll until predicate() is truthy; return its value or fail after the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        time.sleep(interval)
+
+
+def http_get(port, path, headers=None, method="GET", body=None):
+    """(status, headers, body bytes) of one request to 127.0.0.1:port; None when nothing answers."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data=data, method=method,
+                                     headers=dict(headers or {}, **({"Content-Type": "application/json"} if data else {})))
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+    except (urllib.error.URLError, ConnectionError, socket.timeout):
+        return None
+
+
+class CaraHost:
+    """A state dir, a config and a release of the double, driven as subprocesses."""
+
+    free_port = staticmethod(free_port)
+    wait_for = staticmethod(wait_for)
+
+    def __init__(self, root, binary, port, config):
+        self.root = Path(root)
+        self.binary = Path(binary)
+        self.port = port
+        self.state = self.root / "state"
+        self.home = self.root / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.procs = []
+        self.config_file = self.state / "carapace.json5"
+        if config is not None:
+            self.write_config(config)
+
+    def write_config(self, config):
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text("// test config\n" + json.dumps(config, indent=2) + "\n")
+
+    def env(self, **extra):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CARAPACE_") and k != "XDG_CONFIG_HOME"}
+        # The release's `#!/usr/bin/env python3` must find the interpreter that has json5.
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        env.update(HOME=str(self.home), CARAPACE_STATE_DIR=str(self.state))
+        for key, value in extra.items():  # a None value removes the variable
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        return env
+
+    def run(self, *args, env=None, cwd=None, timeout=60):
+        return subprocess.run([str(self.binary), *args], capture_output=True, text=True, timeout=timeout,
+                              env=env or self.env(), cwd=str(cwd or self.root), check=False)
+
+    def spawn(self, *args, env=None):
+        """Start `cara <args>` in the background; its output goes to files under root."""
+        index = len(self.procs)
+        stdout = open(self.root / ("daemon-%d.out" % index), "w")
+        stderr = open(self.root / ("daemon-%d.err" % index), "w")
+        proc = subprocess.Popen([str(self.binary), *args], stdout=stdout, stderr=stderr, env=env or self.env(),
+                                cwd=str(self.root))
+        stdout.close()
+        stderr.close()
+        proc.index = index
+        self.procs.append(proc)
+        return proc
+
+    def start(self, *args, env=None, port=None):
+        """Start the daemon and wait until /health answers; fails if the process exits first."""
+        proc = self.spawn(*args, env=env)
+        port = port or self.port
+
+        def up():
+            if proc.poll() is not None:
+                raise AssertionError("daemon exited %s: %s" % (proc.returncode, self.stderr(proc)))
+            return http_get(port, "/health") is not None
+        wait_for(up, what="the daemon to answer /health")
+        return proc
+
+    def stop(self, proc, sig=signal.SIGTERM):
+        proc.send_signal(sig)
+        return proc.wait(timeout=20)
+
+    def stdout(self, proc):
+        return (self.root / ("daemon-%d.out" % proc.index)).read_text()
+
+    def stderr(self, proc):
+        return (self.root / ("daemon-%d.err" % proc.index)).read_text()
+
+    def get(self, path, **kwargs):
+        return http_get(self.port, path, **kwargs)
+
+    def kill_all(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+class CaraHosts:
+    """Factory of CaraHost objects, plus the small helpers the double's tests share."""
+
+    flavor_versions = FLAVOR_VERSIONS
+    free_port = staticmethod(free_port)
+    wait_for = staticmethod(wait_for)
+    http_get = staticmethod(http_get)
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.hosts = []
+
+    def __call__(self, version="0.9.0", *, flavor=None, faults=None, config="default", name=None, binary=None):
+        """A host with a fresh release (or `binary`); the default config sets gateway.port to a free port."""
+        name = name or "host%d" % len(self.hosts)
+        port = free_port()
+        if config == "default":
+            config = {"gateway": {"port": port}}
+        binary = binary or self.release(version, name, flavor=flavor, faults=faults)
+        host = CaraHost(self.tmp_path / name, binary, port, config)
+        host.version = version.lstrip("v")
+        host.flavor = flavor or default_flavor(version)
+        self.hosts.append(host)
+        return host
+
+    def release(self, version, name, **kwargs):
+        return build_release(version, self.tmp_path / "releases" / name / "cara", **kwargs)
+
+    def kill_all(self):
+        for host in self.hosts:
+            host.kill_all()
+
+
+@pytest.fixture
+def cara_hosts(tmp_path):
+    """Factory of hosts running releases of the `cara` double; every daemon is killed at teardown."""
+    hosts = CaraHosts(tmp_path)
+    yield hosts
+    hosts.kill_all()
+
+
+@pytest.fixture(params=sorted(FLAVOR_VERSIONS))
+def cara_flavor(request):
+    """Each flavor of the double (spec section 10): "head" and "v0.8.0"."""
+    return request.param
+
+
+@pytest.fixture
+def cara_host(cara_hosts, cara_flavor):
+    """A host running the release that stands for cara_flavor."""
+    return cara_hosts(FLAVOR_VERSIONS[cara_flavor], flavor=cara_flavor)
