@@ -1,7 +1,8 @@
 """A real HTTP server on 127.0.0.1 that serves release trees laid out as GitHub serves them.
 
 `ReleaseServer(root)` serves `root/<owner>/<repo>/releases/download/<tag>/<file>` at the same URL path,
-and `/<owner>/<repo>/releases/latest/download/<file>` from the newest stable tag present. Faults are set
+and `/<owner>/<repo>/releases/latest/download/<file>` from the newest stable tag present; any other file under
+the root is served at its relative path (release notes, trusted_root.json). Faults are set
 per file name (any tag) or per full URL path, and can be changed while the server runs:
 
     server.faults["cara-x86_64-linux.bundle"] = {"status": 404}
@@ -145,14 +146,19 @@ class ReleaseServer:
 
     def resolve(self, path):
         parts = [p for p in path.split("/") if p]
-        if len(parts) != 6 or parts[2] != "releases" or any(p in (".", "..") for p in parts):
+        if not parts or any(p in (".", "..") for p in parts):
             return None
+        if len(parts) != 6 or parts[2] != "releases":
+            # anything else under the root is served as it lies (release notes, trusted_root.json)
+            return os.path.join(self.root, *parts)
         owner, repo, _releases, kind, tag, name = parts
         if kind == "latest" and tag == "download":
+            tag = self.resolve_latest(owner, repo)
+            if tag is None:
+                return None
+        elif kind != "download":
             return None
-        if kind == "download":
-            return os.path.join(self.root, owner, repo, "releases", "download", tag, name)
-        return None
+        return os.path.join(self.root, owner, repo, "releases", "download", tag, name)
 
     def resolve_latest(self, owner, repo):
         base = os.path.join(self.root, owner, repo, "releases", "download")
