@@ -1,0 +1,104 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: carapace.fleet maintainers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: cara_lock
+short_description: Controller-side lock so two carapace.fleet runs on one inventory never overlap
+version_added: 0.1.0
+description:
+  - Scheduled rollouts and drills (cron, AWX/AAP) can start while an earlier run still works on the same hosts. The
+    playbooks of this collection take this lock first and fail at once when another live run holds it.
+  - The lock is a JSON file naming the run id and the C(ansible-playbook) process holding it. A lock whose process is
+    gone (a killed run) is stale and is taken over with a warning.
+  - Runs on the controller (C(delegate_to) C(localhost), C(run_once)).
+author:
+  - carapace.fleet maintainers (@carapace-fleet)
+attributes:
+  check_mode:
+    support: full
+    description: Checks the lock and reports what would happen; takes or drops nothing.
+  diff_mode:
+    support: none
+  idempotent:
+    support: full
+    description: Taking a lock the same run already holds, or dropping one it does not, changes nothing.
+options:
+  path:
+    description: Lock file on the controller.
+    type: path
+    required: true
+  run_id:
+    description: Identifier of this run (the playbooks use one per ansible-playbook invocation).
+    type: str
+    required: true
+  state:
+    description: V(present) takes the lock, V(absent) drops it when this run holds it.
+    type: str
+    choices: [present, absent]
+    default: present
+"""
+
+EXAMPLES = r"""
+- name: Take the fleet lock for this run
+  carapace.fleet.cara_lock:
+    path: "{{ cara_fleet_lock_path }}"
+    run_id: "{{ cara_fleet_run.id }}"
+  delegate_to: localhost
+  run_once: true
+"""
+
+RETURN = r"""
+holder:
+  description: The lock's content after the call (run_id, pid, host, started), or V(null) after release.
+  returned: always
+  type: dict
+stale:
+  description: Whether a stale lock of a dead run was taken over.
+  returned: always
+  type: bool
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.carapace.fleet.plugins.module_utils import _lock
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            path=dict(type="path", required=True),
+            run_id=dict(type="str", required=True),
+            state=dict(type="str", choices=["present", "absent"], default="present"),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    if module.check_mode:
+        holder = _lock.read(p["path"])
+        mine = bool(holder) and holder.get("run_id") == p["run_id"]
+        if p["state"] == "present" and holder and not mine and _lock.alive(holder.get("pid")):
+            module.fail_json(msg="another carapace.fleet run holds %s: run %s" % (p["path"], holder.get("run_id")),
+                             holder=holder)
+        module.exit_json(changed=(not mine) if p["state"] == "present" else mine, holder=holder, stale=False)
+    try:
+        if p["state"] == "present":
+            changed, previous, stale = _lock.acquire(p["path"], p["run_id"], _lock.playbook_pid())
+            if stale:
+                module.warn("took over a stale lock %s of run %s (process %s is gone)"
+                            % (p["path"], previous.get("run_id"), previous.get("pid")))
+            module.exit_json(changed=changed, holder=_lock.read(p["path"]), stale=stale)
+        changed = _lock.release(p["path"], p["run_id"])
+        module.exit_json(changed=changed, holder=None, stale=False)
+    except _lock.LockHeld as exc:
+        module.fail_json(msg=str(exc), holder=_lock.read(p["path"]))
+    except OSError as exc:
+        module.fail_json(msg="cannot use lock file %s: %s" % (p["path"], exc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: carapace.fleet maintainers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: cara_report
+short_description: Record hosts' outcomes in the fleet report (report.json and report.md)
+version_added: 0.1.0
+description:
+  - Writes one row per host under O(dir)/rows/ and regenerates O(dir)/report.json and O(dir)/report.md from all rows,
+    under a lock and atomically, so the report is complete for every host a run reached even when the run stops half way.
+  - A new O(run.id) starts a fresh report in the same directory.
+  - Runs on the controller (C(delegate_to) C(localhost)); the roles of this collection call it as each host finishes.
+author:
+  - carapace.fleet maintainers (@carapace-fleet)
+attributes:
+  check_mode:
+    support: full
+    description: Reports what would be written; writes nothing.
+  diff_mode:
+    support: none
+  idempotent:
+    support: full
+    description: Writing the same rows again for the same run changes nothing.
+options:
+  dir:
+    description: Report directory (created).
+    type: path
+    required: true
+  run:
+    description:
+      - Facts of the run. C(id) is required and identifies the run; C(kind) (upgrade, rollback, drill),
+        C(target), C(started), C(playbook) are shown in the report.
+    type: dict
+    required: true
+  row:
+    description:
+      - One host's row. Keys C(host), C(from), C(to), C(result) (V(upgraded), V(unchanged), V(rolled_back), V(failed),
+        V(pending)), C(phase), C(downtime_s), C(rto_s), C(sha256), C(log_index), C(backup); other keys are kept under
+        C(details) (for example C(error)).
+    type: dict
+  rows:
+    description: Several rows at once (same keys as O(row)).
+    type: list
+    elements: dict
+    default: []
+"""
+
+EXAMPLES = r"""
+- name: Record this host's outcome
+  carapace.fleet.cara_report:
+    dir: "{{ cara_report_dir }}"
+    run: "{{ cara_fleet_run }}"
+    row:
+      host: "{{ inventory_hostname }}"
+      from: v0.8.0
+      to: v0.9.0
+      result: upgraded
+      phase: applied
+      downtime_s: 3.2
+  delegate_to: localhost
+"""
+
+RETURN = r"""
+report:
+  description: The regenerated report (the content of report.json).
+  returned: success
+  type: dict
+  contains:
+    run:
+      description: The run's facts.
+      type: dict
+    summary:
+      description: Counts per result, hosts, max downtime and RTO, and C(ok) (no failed, rolled back or pending host).
+      type: dict
+    hosts:
+      description: One row per host, sorted by host.
+      type: list
+      elements: dict
+report_json:
+  description: Path of report.json.
+  returned: success
+  type: str
+report_md:
+  description: Path of report.md.
+  returned: success
+  type: str
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.carapace.fleet.plugins.module_utils._report import Report, normalise_row
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            dir=dict(type="path", required=True),
+            run=dict(type="dict", required=True),
+            row=dict(type="dict"),
+            rows=dict(type="list", elements="dict", default=[]),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    if not p["run"].get("id"):
+        module.fail_json(msg="run.id is required: it tells this run's rows from an earlier run's")
+    try:
+        for item in ([p["row"]] if p["row"] else []) + p["rows"]:
+            normalise_row(item)
+    except ValueError as exc:
+        module.fail_json(msg="bad report row: %s" % exc)
+    paths = dict(report_json=os.path.join(p["dir"], "report.json"), report_md=os.path.join(p["dir"], "report.md"))
+    if module.check_mode:
+        module.exit_json(changed=bool(p["row"] or p["rows"]), report=None, **paths)
+    try:
+        report, changed = Report(p["dir"]).write(p["run"], row=p["row"], rows=p["rows"])
+    except (OSError, ValueError) as exc:
+        module.fail_json(msg="cannot write the fleet report in %s: %s" % (p["dir"], exc))
+    module.exit_json(changed=changed, report=report, **paths)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The fleet report and the controller run lock (module_utils/_report.py, _lock.py)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ansible_collections.carapace.fleet.plugins.module_utils import _lock
+from ansible_collections.carapace.fleet.plugins.module_utils._report import ROW_KEYS, Report
+
+RUN = {"id": "run-1", "kind": "upgrade", "target": "v0.9.0", "started": "2026-11-24T06:00:00Z"}
+
+
+def row(host, result="upgraded", **extra):
+    base = {"host": host, "from": "v0.8.0", "to": "v0.9.0", "result": result, "phase": "applied", "downtime_s": 2.5,
+            "rto_s": None, "sha256": "ab" * 32, "log_index": 7, "backup": "/var/backups/carapace/b.tar.gz"}
+    base.update(extra)
+    return base
+
+
+def test_report_rows_summary_and_markdown(tmp_path):
+    rep = Report(str(tmp_path))
+    report, changed = rep.write(RUN, row=row("b"))
+    assert changed is True
+    report, changed = rep.write(RUN, rows=[row("a", "rolled_back", rto_s=12.25, error="gate failed: ready 503"),
+                                           row("c", "unchanged", downtime_s=None)])
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == report
+    assert [h["host"] for h in report["hosts"]] == ["a", "b", "c"]
+    assert set(report["hosts"][1]) == set(ROW_KEYS)
+    assert report["hosts"][0]["details"] == {"error": "gate failed: ready 503"}
+    assert report["summary"]["upgraded"] == 1 and report["summary"]["rolled_back"] == 1
+    assert report["summary"]["max_rto_s"] == 12.25 and report["summary"]["ok"] is False
+    md = (tmp_path / "report.md").read_text()
+    assert "| a | v0.8.0 | v0.9.0 | rolled_back | applied | 2.5 | 12.2 | abababababab | 7 | b.tar.gz |" in md
+    assert "gate failed: ready 503" in md and "NEEDS ATTENTION" in md
+    # the same row again changes nothing
+    assert rep.write(RUN, row=row("b"))[1] is False
+
+
+def test_a_new_run_starts_a_fresh_report(tmp_path):
+    rep = Report(str(tmp_path))
+    rep.write(RUN, rows=[row("a"), row("b")])
+    report, _changed = rep.write(dict(RUN, id="run-2"), row=row("c"))
+    assert [h["host"] for h in report["hosts"]] == ["c"]
+    assert report["summary"]["ok"] is True
+
+
+def test_bad_rows_are_refused(tmp_path):
+    with pytest.raises(ValueError):
+        Report(str(tmp_path)).write(RUN, row=row("a", "exploded"))
+    with pytest.raises(ValueError):
+        Report(str(tmp_path)).write(RUN, row={"result": "upgraded"})
+
+
+def test_lock_acquire_release_and_contention(tmp_path):
+    path = str(tmp_path / "fleet.lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "ansible-playbook"])  # pylint: disable=consider-using-with
+    try:
+        assert _lock.acquire(path, "run-1", holder.pid)[0] is True
+        assert _lock.acquire(path, "run-1", holder.pid)[0] is False  # same run: idempotent
+        with pytest.raises(_lock.LockHeld, match="run run-1"):
+            _lock.acquire(path, "run-2", 12345)
+        assert _lock.release(path, "run-2") is False
+        assert _lock.release(path, "run-1") is True
+        assert _lock.read(path) is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
+    path = str(tmp_path / "fleet.lock")
+    dead = subprocess.Popen([sys.executable, "-c", "pass", "ansible-playbook"])  # pylint: disable=consider-using-with
+    dead.wait()
+    _lock.acquire(path, "run-1", dead.pid)
+    changed, previous, stale = _lock.acquire(path, "run-2", None)
+    assert changed and stale and previous["run_id"] == "run-1"
+    assert _lock.read(path)["run_id"] == "run-2"
+
+
+def test_a_reused_pid_that_is_not_ansible_does_not_hold_the_lock(tmp_path):
+    path = str(tmp_path / "fleet.lock")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # pylint: disable=consider-using-with
+    try:
+        _lock.acquire(path, "run-1", other.pid)
+        assert _lock.acquire(path, "run-2", None)[2] is True
+    finally:
+        other.kill()
+        other.wait()
