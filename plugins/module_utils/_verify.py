@@ -32,13 +32,14 @@ else:
     SIGSTORE_IMPORT_ERROR = None
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _pinned_root
+# Tag syntax lives with the version logic (no sigstore import there, so planning stays cheap).
+from ansible_collections.carapace.fleet.plugins.module_utils._version import check_tag, is_preview  # noqa: F401  pylint: disable=unused-import
 
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
 DEFAULT_REPO = "puremachinery/carapace"
 OID_ISSUER_V2 = "1.3.6.1.4.1.57264.1.8"
 OID_ISSUER_V1 = "1.3.6.1.4.1.57264.1.1"
 
-_TAG_RE = re.compile(r"^v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z][0-9A-Za-z.-]*)?$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 _HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _CHUNK = 1 << 20
@@ -51,23 +52,6 @@ class VerifyError(Exception):
         super().__init__(message)
         self.cause = cause
         self.message = message
-
-
-def check_tag(tag):
-    """Return the tag if it is a release tag (vX.Y.Z or vX.Y.Z-<pre>); raise ValueError otherwise.
-
-    The identity is matched exactly, so a tag written without its `v` would only ever fail later with a
-    confusing identity mismatch: refuse it here instead.
-    """
-    if not isinstance(tag, str) or not _TAG_RE.match(tag):
-        raise ValueError("tag %r is not a Carapace release tag: expected vMAJOR.MINOR.PATCH, e.g. v0.9.0 "
-                         "(previews: v0.9.0-preview1)" % (tag,))
-    return tag
-
-
-def is_preview(tag):
-    """True for a pre-release tag such as v0.1.0-preview3."""
-    return "-" in check_tag(tag)
 
 
 def check_repo(repo):
