@@ -1,0 +1,258 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: carapace.fleet maintainers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: cara_health
+short_description: Gate a Carapace host on its health endpoints, C(cara status) and C(cara verify), under one deadline
+version_added: 0.1.0
+description:
+  - Runs the checks of Carapace's release policy after an upgrade or a rollback, in this order, all under one deadline
+    of O(timeout) seconds, and stops at the first failure.
+  - V(health) polls C(GET /health) until it answers with a JSON body and, when O(expected_version) is set, reports that
+    version (a leading C(v) is ignored on either side).
+  - V(ready) polls C(GET /health/ready) until it answers 200 (503 means not ready; its body says why).
+  - V(status) runs C(cara status --port <port> --host <host>), with C(--json) where the installed release has it
+    (v0.9.0+) and the text output otherwise (v0.8.0), and checks the version it reports.
+  - V(verify_auto) runs C(cara verify --outcome auto --port <port>); V(verify_autonomy) runs
+    C(cara verify --outcome autonomy --port <port>), but only when the config enables C(gateway.control) (the
+    C(/control) routes it needs exist only then); otherwise it is skipped and the result says why.
+  - "The PASS/FAIL/SKIP lines of C(cara verify) are returned as structured results. A failing check fails the task with
+    that check's own text (cara's FAIL line, its C(next step:) hint, cara's error output) and the operator's next step."
+  - V(health) and V(ready) are polled, since a daemon that has just started needs a moment; C(cara status) and
+    C(cara verify) run once each, and are killed if they are still running at the deadline.
+  - Never changes anything on the host itself, so the task always reports C(changed=false).
+author:
+  - carapace.fleet maintainers (@carapace-fleet)
+attributes:
+  check_mode:
+    support: full
+    description:
+      - Runs V(health), V(ready) and V(status), which only read. Skips V(verify_auto) and V(verify_autonomy) and says so
+        in RV(skipped), since C(cara verify) leaves traces in the daemon's state (a control task in
+        C(tasks/queue.json), a chat session and usage counters, or a C(/hooks/wake) call that wakes the agent).
+  diff_mode:
+    support: none
+    description: Nothing changes, so there is no diff.
+  idempotent:
+    support: full
+    description: Read-only; always reports C(changed=false).
+options:
+  bin_path:
+    description: The C(cara) binary used for C(cara status) and C(cara verify).
+    type: path
+    default: /usr/local/bin/cara
+  state_dir:
+    description: The daemon's state directory, passed to C(cara) as E(CARAPACE_STATE_DIR).
+    type: path
+    default: /var/lib/carapace
+  config_path:
+    description:
+      - The daemon's config file, passed to C(cara) as E(CARAPACE_CONFIG_PATH) and read for C(gateway.port) and
+        C(gateway.control.enabled).
+      - Defaults to O(state_dir)/carapace.json5, else O(state_dir)/carapace.json.
+    type: path
+  port:
+    description: Gateway port. Defaults to C(gateway.port) of the config, else 18789.
+    type: int
+  host:
+    description:
+      - Address of the gateway for the HTTP checks and C(cara status --host).
+      - C(cara verify) always targets 127.0.0.1 (it has no host option).
+    type: str
+    default: 127.0.0.1
+  expected_version:
+    description:
+      - Version C(/health) and C(cara status) must report, for example C(0.9.0) or C(v0.9.0).
+      - When unset, any version passes.
+    type: str
+  checks:
+    description: The checks to run; they always run in the order listed under O(checks)'s default.
+    type: list
+    elements: str
+    choices: [health, ready, status, verify_auto, verify_autonomy]
+    default: [health, ready, status, verify_auto, verify_autonomy]
+  timeout:
+    description:
+      - Seconds for all checks together (one deadline), counted from the start of the task.
+      - C(cara verify --outcome autonomy) alone may take up to 70 seconds when the agent is slow.
+    type: int
+    default: 120
+  interval:
+    description: Seconds between two attempts of a polled check (V(health), V(ready)).
+    type: float
+    default: 1.0
+  gateway_token:
+    description:
+      - Gateway token for C(cara verify), passed to C(cara) in the environment as E(CARAPACE_GATEWAY_TOKEN), never
+        on the command line. Never logged or returned.
+      - When unset, C(cara) uses its usual sources (environment, C(gateway.auth.token) or C(gateway.auth.password)).
+    type: str
+notes:
+  - C(cara verify) starts an embedded gateway when nothing answers on the port. The module treats that as a failure
+    (the result would not speak for the daemon), which can only happen if the daemon stops between the checks.
+  - "For O(timeout) the role's default is generous: a daemon that needs a slow start (migrations) passes as soon as it
+    answers, and a failed gate costs at most O(timeout)."
+seealso:
+  - module: carapace.fleet.cara_switch
+  - name: Carapace release policy
+    description: Post-upgrade verification and rollback runbook (docs/release.md in the Carapace repository).
+    link: https://github.com/puremachinery/carapace/blob/master/docs/release.md
+"""
+
+EXAMPLES = r"""
+- name: Gate the host on the new release
+  carapace.fleet.cara_health:
+    expected_version: "{{ cara_target_version }}"
+    gateway_token: "{{ cara_gateway_token }}"
+    timeout: 180
+
+- name: Only the HTTP checks, quickly, e.g. while a daemon starts
+  carapace.fleet.cara_health:
+    checks: [health, ready]
+    timeout: 30
+    interval: 0.5
+"""
+
+RETURN = r"""
+passed:
+  description: Whether every selected check passed (skipped ones do not count against it).
+  returned: always
+  type: bool
+elapsed:
+  description: Seconds the checks took, all together.
+  returned: always
+  type: float
+  sample: 2.47
+timeout:
+  description: The deadline in seconds.
+  returned: always
+  type: int
+version:
+  description: Version C(/health) reported (without a leading C(v)), or V(null) when it did not answer.
+  returned: always
+  type: str
+  sample: 0.9.0
+expected_version:
+  description: The version that was required, without a leading C(v), or V(null).
+  returned: always
+  type: str
+url:
+  description: Base URL of the HTTP checks.
+  returned: always
+  type: str
+  sample: http://127.0.0.1:18789
+port:
+  description: Port that was checked.
+  returned: always
+  type: int
+checks:
+  description:
+    - One entry per selected check, keyed by name (V(health), V(ready), V(status), V(verify_auto), V(verify_autonomy)).
+    - Every entry has C(result) (V(pass), V(fail), V(skip) or V(not_run) after an earlier failure), C(detail) and
+      C(duration) (seconds); a failed one also C(cause) and C(next_step).
+    - V(health) and V(ready) add C(url), C(status_code), C(body) and C(attempts); V(health) adds C(version).
+    - V(status) adds C(argv), C(rc), C(format) (V(json) or V(text)), C(health) (the parsed C(/health) part), C(stdout),
+      C(stderr).
+    - The verify checks add C(argv), C(rc), C(outcome) (as cara resolved it), C(stdout), C(stderr) and C(summary), a list
+      of C({result, name, detail, next_step}) for cara's C([PASS]), C([FAIL]) and C([SKIP]) lines.
+  returned: always
+  type: dict
+  sample:
+    health: {result: pass, detail: /health answered with version 0.9.0 (as expected), version: 0.9.0, attempts: 1}
+    verify_autonomy:
+      result: skip
+      detail: "gateway.control.enabled is not true in /var/lib/carapace/carapace.json5: ..."
+skipped:
+  description: Checks that were skipped, with the reason.
+  returned: always
+  type: dict
+  sample: {verify_autonomy: gateway.control.enabled is not true in /var/lib/carapace/carapace.json5}
+failed_check:
+  description: Name of the check that failed, or V(null).
+  returned: always
+  type: str
+next_step:
+  description: On failure, what the operator should do next.
+  returned: failure
+  type: str
+cause:
+  description:
+    - On failure, a machine-readable cause, one of C(health_unreachable), C(version_mismatch), C(not_ready),
+      C(status_failed), C(verify_failed), C(daemon_down), C(deadline), C(config), C(not_installed), C(bad_argument).
+  returned: failure
+  type: str
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.carapace.fleet.plugins.module_utils import _cara
+from ansible_collections.carapace.fleet.plugins.module_utils._health import CHECKS, HealthGate, bounded_runner
+
+CHECK_MODE_REASON = ("check mode: `cara verify` is not run, since it leaves traces in the daemon's state (a control task, "
+                     "a chat session and usage counters, or a /hooks/wake call)")
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            bin_path=dict(type="path", default="/usr/local/bin/cara"),
+            state_dir=dict(type="path", default="/var/lib/carapace"),
+            config_path=dict(type="path"),
+            port=dict(type="int"),
+            host=dict(type="str", default="127.0.0.1"),
+            expected_version=dict(type="str"),
+            checks=dict(type="list", elements="str", choices=list(CHECKS), default=list(CHECKS)),
+            timeout=dict(type="int", default=120),
+            interval=dict(type="float", default=1.0),
+            gateway_token=dict(type="str", no_log=True),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    if p["timeout"] <= 0 or p["interval"] <= 0:
+        module.fail_json(msg="timeout and interval must be positive", cause="bad_argument")
+    if p["port"] is not None and not 1 <= p["port"] <= 65535:
+        module.fail_json(msg="port %s is not a TCP port (1-65535)" % p["port"], cause="bad_argument")
+    if not p["checks"]:
+        module.fail_json(msg="checks is empty: name at least one of %s" % ", ".join(CHECKS), cause="bad_argument")
+    if p["expected_version"] and not {"health", "status"} & set(p["checks"]):
+        module.fail_json(msg="expected_version is checked by the health and status checks; select one of them",
+                         cause="bad_argument")
+
+    config_file = _cara.config_path(p["state_dir"], p["config_path"])
+    try:
+        cfg = _cara.load_config(config_file)
+    except _cara.CaraError as exc:
+        module.fail_json(msg="%s. cara itself would fall back to an empty config or refuse to start; fix the file "
+                         "(or pass config_path) and re-run the gate." % exc, cause="config")
+    facts = _cara.gateway_facts(cfg)
+    port = p["port"] or facts["port"]
+
+    if {"status", "verify_auto", "verify_autonomy"} & set(p["checks"]) and not os.access(p["bin_path"], os.X_OK):
+        module.fail_json(msg="%s is not an executable cara binary, so `cara status` and `cara verify` cannot run. Install "
+                         "a release with carapace.fleet.cara_switch, or set bin_path." % p["bin_path"], cause="not_installed")
+
+    extra_env = {"CARAPACE_GATEWAY_TOKEN": p["gateway_token"]} if p["gateway_token"] else {}
+    cli = _cara.CaraCLI(p["bin_path"], p["state_dir"], config=config_file, runner=bounded_runner, extra_env=extra_env,
+                        timeout=p["timeout"])
+    secrets = [p["gateway_token"], _cara.gateway_secret(cfg, environ={})]
+    gate = HealthGate(cli, host=p["host"], port=port, expected_version=p["expected_version"], checks=p["checks"],
+                      timeout=p["timeout"], interval=p["interval"], control_enabled=facts["control_enabled"],
+                      config_path=config_file, verify_skip_reason=CHECK_MODE_REASON if module.check_mode else None,
+                      secrets=secrets)
+    result = gate.run()
+    msg = result.pop("msg")
+    if not result["passed"]:
+        module.fail_json(msg=msg, changed=False, **result)
+    module.exit_json(msg=msg, changed=False, **result)
+
+
+if __name__ == "__main__":
+    main()
