@@ -263,3 +263,48 @@ class CaraCLI:
         res.update(parse_verify(res["stdout"]))
         res["passed"] = res["passed"] and res["rc"] == 0
         return res
+
+
+def parse_backup_output(text):
+    """`cara backup` stdout (section 1.4 step 6) -> {"path", "size", "included": [sections]}; missing lines are None."""
+    result = {"path": None, "size": None, "included": None}
+    for line in (text or "").splitlines():
+        key, sep, value = line.strip().partition(":")
+        if not sep:
+            continue
+        value = value.strip()
+        if key == "Path":
+            result["path"] = value
+        elif key == "Size":
+            match = re.search(r"\((\d+)\)\s*$", value)
+            result["size"] = int(match.group(1)) if match else None
+        elif key == "Included":
+            result["included"] = [] if value == "(empty)" else [s.strip() for s in value.split(",") if s.strip()]
+    return result
+
+
+def parse_restore_output(text):
+    """`cara restore` stdout (section 1.5 step 7) -> {"restored": [sections] or None, "sessions": int}."""
+    result = {"restored": None, "sessions": 0}
+    for line in (text or "").splitlines():
+        key, sep, value = line.strip().partition(":")
+        if not sep:
+            continue
+        value = value.strip()
+        if key == "Restored":
+            result["restored"] = [] if value == "(nothing)" else [s.strip() for s in value.split(",") if s.strip()]
+        elif key == "Sessions" and value.isdigit():
+            result["sessions"] = int(value)
+    return result
+
+
+def tolerant_module_runner(module):
+    """Like module_runner, but a binary that cannot be executed gives rc 127 and the OS error on stderr instead of
+    ending the module with fail_json; arguments are passed verbatim (no ~ or $VAR expansion)."""
+    def run(argv, env, timeout):  # pylint: disable=unused-argument
+        try:
+            return module.run_command(argv, environ_update=env, check_rc=False, expand_user_and_vars=False,
+                                      handle_exceptions=False)
+        except OSError as exc:
+            return 127, "", "cannot execute %s: %s" % (argv[0], exc)
+    return run

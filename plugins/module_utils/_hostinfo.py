@@ -1,0 +1,234 @@
+# -*- coding: utf-8 -*-
+# Copyright: carapace.fleet maintainers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Read-only facts about one Carapace host (cara-contract.md sections 1.1, 2, 3.1, 3.7; shared/design.md).
+
+Domain logic only (no Ansible imports). Nothing here writes, and nothing here raises for a host without cara, a
+missing state dir or a corrupt file: every problem becomes an `*_error` string next to the fact it concerns.
+Secrets never leave: the config is redacted (_cara.redact, plus every value under `env`, plus any string that
+holds a secret found anywhere in the config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+
+from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara
+from ansible_collections.carapace.fleet.plugins.module_utils._backup import sha256_file
+
+SWITCH_STATE = "state.json"  # written by cara_switch in install_root
+MARKER_MAX_BYTES = 64 * 1024  # cara reads its update markers capped at 64 KiB (section 3.1)
+_TAG_KEY = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)(?:-(.*))?$")
+
+
+def read_json_marker(path):
+    """(value, error) of a JSON file cara keeps under updates/: (None, None) when absent. Read like cara does:
+    O_NOFOLLOW, non-blocking, capped at 64 KiB."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, "cannot read %s: %s" % (path, exc.strerror or exc)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "%s is not a regular file" % path
+        with os.fdopen(fd, "rb") as handle:
+            fd = None
+            data = handle.read(MARKER_MAX_BYTES + 1)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if len(data) > MARKER_MAX_BYTES:
+        return None, "%s is larger than %d bytes (cara refuses it too)" % (path, MARKER_MAX_BYTES)
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except ValueError as exc:
+        return None, "%s is corrupt: not JSON (%s)" % (path, exc)
+    if not isinstance(value, dict):
+        return None, "%s is corrupt: not a JSON object" % path
+    return value, None
+
+
+def _secret_strings(value, found):
+    """Collect the string values kept under secret-looking keys (anywhere in the config)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, str) and _cara.SECRET_KEY_RE.search(str(key)) and len(item) >= 4:
+                found.add(item)
+            else:
+                _secret_strings(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _secret_strings(item, found)
+    return found
+
+
+def _scrub(value, secrets):
+    if isinstance(value, dict):
+        return {k: _scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, secrets) for v in value]
+    if isinstance(value, str) and any(secret in value for secret in secrets):
+        return _cara.REDACTED
+    return value
+
+
+def redact_config(cfg):
+    """The config safe to return: secret-looking keys redacted (_cara.redact), every value of the top-level `env`
+    map redacted (it carries provider keys under any name), and any other string containing a secret redacted."""
+    secrets = _secret_strings(cfg, set())
+    if isinstance(cfg.get("env"), dict):
+        secrets.update(v for v in cfg["env"].values() if isinstance(v, str) and len(v) >= 4)
+    safe = _cara.redact(cfg)
+    if isinstance(safe.get("env"), dict):
+        safe["env"] = {k: _cara.REDACTED for k in safe["env"]}
+    return _scrub(safe, secrets)
+
+
+def binary_facts(bin_path):
+    facts = {"bin_path": bin_path, "bin_exists": os.path.lexists(bin_path), "bin_is_symlink": os.path.islink(bin_path),
+             "symlink_target": None, "real_path": None, "sha256": None, "size": None}
+    if facts["bin_is_symlink"]:
+        facts["symlink_target"] = os.readlink(bin_path)
+    if os.path.isfile(bin_path):
+        facts["real_path"] = os.path.realpath(bin_path)
+        try:
+            facts["sha256"], facts["size"] = sha256_file(facts["real_path"])
+        except OSError as exc:
+            facts["bin_error"] = "cannot read %s: %s" % (facts["real_path"], exc.strerror or exc)
+    return facts
+
+
+def _tag_key(tag):
+    match = _TAG_KEY.match(tag)
+    if not match:
+        return (1, (), tag)
+    major, minor, patch, pre = match.groups()
+    # a release sorts after its previews
+    return (0, (int(major), int(minor), int(patch), pre is None, pre or ""), tag)
+
+
+def kept_releases(install_root, bin_path):
+    """install_root/releases/<tag>/cara, oldest first: tag, path, sha256, size, active (the bin resolves to it)."""
+    base = os.path.join(install_root, "releases")
+    active = os.path.realpath(bin_path) if os.path.exists(bin_path) else None
+    releases = []
+    try:
+        tags = os.listdir(base)
+    except OSError:
+        return releases
+    for tag in sorted(tags, key=_tag_key):
+        path = os.path.join(base, tag, "cara")
+        if not os.path.isfile(path):
+            continue
+        item = {"tag": tag, "path": path, "sha256": None, "size": None,
+                "active": active is not None and os.path.realpath(path) == active}
+        try:
+            item["sha256"], item["size"] = sha256_file(path)
+        except OSError as exc:
+            item["error"] = "cannot read %s: %s" % (path, exc.strerror or exc)
+        releases.append(item)
+    return releases
+
+
+def backup_facts(backup_dir):
+    """(entries, error): the backup index with an `exists` flag per archive (not re-hashed here)."""
+    try:
+        index = _backup.read_index(backup_dir) if os.path.isdir(backup_dir) else {"backups": []}
+    except _backup.BackupError as exc:
+        return [], exc.message
+    entries = []
+    for entry in index["backups"]:
+        item = dict(entry)
+        item["exists"] = os.path.isfile(entry["path"]) and not os.path.islink(entry["path"])
+        if item.get("snapshot"):
+            item["snapshot"] = dict(item["snapshot"])
+            snap_path = item["snapshot"].get("path") or ""
+            item["snapshot"]["exists"] = os.path.isfile(snap_path) and not os.path.islink(snap_path)
+        entries.append(item)
+    return entries, None
+
+
+def disk_free_mb(path):
+    """Free MiB (for this user) on the filesystem that holds path, or its nearest existing parent; None if unknown."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize // (1024 * 1024)
+
+
+def tree_size_mb(path):
+    """Size of the regular files under path in MiB, rounded up (0 when it does not exist); symlinks not followed."""
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(path, followlinks=False):
+        for name in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return -(-total // (1024 * 1024))
+
+
+def gather(bin_path, state_dir, config_path=None, install_root="/opt/carapace", backup_dir="/var/backups/carapace",
+           runner=_cara.subprocess_runner):
+    """Every fact cara_info returns (see its RETURN documentation)."""
+    facts = binary_facts(bin_path)
+    executable = os.path.isfile(bin_path) and os.access(bin_path, os.X_OK)
+    cli = _cara.CaraCLI(bin_path, state_dir, config_path, runner=runner)
+    facts["installed"] = executable
+    facts["version"] = None
+    if executable:
+        res = cli.run("--version", timeout=30)
+        facts["version"] = _cara.parse_version(res["stdout"]) if res["rc"] == 0 else None
+        if facts["version"] is None:
+            facts["version_error"] = "`%s --version` answered rc %s: %s" % (
+                bin_path, res["rc"], ((res["stdout"] or "") + (res["stderr"] or "")).strip()[:500])
+    facts["tag"] = _backup.tag_for_version(facts["version"]) if facts["version"] else None
+
+    facts["config_path"] = cli.config_path
+    facts["config_exists"] = os.path.isfile(cli.config_path)
+    facts["config"], facts["config_error"], facts["gateway"] = None, None, None
+    try:
+        cfg = _cara.load_config(cli.config_path)
+    except _cara.CaraError as exc:
+        facts["config_error"] = str(exc)
+    except (OSError, UnicodeDecodeError) as exc:
+        facts["config_error"] = "cannot read %s: %s" % (cli.config_path, exc)
+    else:
+        facts["config"] = redact_config(cfg)
+        facts["gateway"] = _cara.gateway_facts(cfg)
+
+    facts["state_dir"] = state_dir
+    facts["state_dir_exists"] = os.path.isdir(state_dir)
+    try:
+        running, detail = _cara.daemon_running(state_dir)
+    except OSError as exc:
+        running, detail = None, "cannot tell: %s" % exc
+    facts["daemon"] = {"running": running, "detail": detail, "pid": _cara.read_pid(state_dir)}
+
+    updates = os.path.join(state_dir, "updates")
+    for key, name in (("transaction", "transaction.json"), ("rollback_marker", "rollback.json"),
+                      ("startup_health_failure", "startup_health_failure.json")):
+        facts[key], facts[key + "_error"] = read_json_marker(os.path.join(updates, name))
+
+    facts["install_root"] = install_root
+    facts["releases"] = kept_releases(install_root, bin_path)
+    facts["active_release"] = next((r["tag"] for r in facts["releases"] if r["active"]), None)
+    # cara_switch's record of the active and previous release (`<install_root>/state.json`)
+    facts["switch"], facts["switch_error"] = read_json_marker(os.path.join(install_root, SWITCH_STATE))
+    facts["backup_dir"] = backup_dir
+    facts["disk_free_mb"] = disk_free_mb(backup_dir)
+    facts["state_size_mb"] = tree_size_mb(state_dir)
+    facts["backups"], facts["backups_error"] = backup_facts(backup_dir)
+    facts["platform_asset"] = _cara.platform_asset()
+    return facts

@@ -1,0 +1,313 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: carapace.fleet maintainers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: cara_info
+short_description: Read-only facts about a Carapace host (binary, config, daemon, update markers, releases, backups)
+version_added: 0.1.0
+description:
+  - Reports what an upgrade or a rollback needs to know about one host running Carapace (C(cara)), without changing
+    anything.
+  - The installed version (C(cara --version)), the binary at O(bin_path) (symlink target, real path, sha256).
+  - The config file (JSON5) with every secret redacted, and its gateway facts (port, bind, control routes, auth mode).
+    Tokens, passwords, keys and every value of the top-level C(env) map are replaced by C(********); any other string
+    that contains one of those secrets is redacted too.
+  - Whether the daemon runs, as C(cara) itself decides it (cara-contract section 2.3) - the daemon lock
+    C(.matrix-rekey.lock.lock) in O(state_dir) is held, or C(daemon.pid) names a live process.
+  - C(cara)'s update markers in C(<state_dir>/updates/) (C(transaction.json), C(rollback.json),
+    C(startup_health_failure.json)), the releases kept under O(install_root)C(/releases/<tag>/cara) and the backups
+    recorded by M(carapace.fleet.cara_backup).
+  - Never fails because of the host's state. On a host without C(cara) it returns RV(installed=false); a corrupt or
+    unreadable file is reported in the matching C(*_error) value.
+author:
+  - carapace.fleet maintainers (@carapace-fleet)
+attributes:
+  check_mode:
+    support: full
+    description: The module only reads; check mode returns the same facts.
+  diff_mode:
+    support: none
+    description: Nothing changes, so there is no diff.
+  idempotent:
+    support: full
+    description: Always C(changed=false).
+options:
+  bin_path:
+    description: The active C(cara) binary (usually a symlink to a release under O(install_root)).
+    type: path
+    default: /usr/local/bin/cara
+  state_dir:
+    description: Carapace's state directory (C(CARAPACE_STATE_DIR) of the daemon).
+    type: path
+    default: /var/lib/carapace
+  config_path:
+    description:
+      - The config file (C(CARAPACE_CONFIG_PATH) of the daemon).
+      - Defaults to O(state_dir)C(/carapace.json5) when it exists, else O(state_dir)C(/carapace.json), as C(cara) resolves
+        it.
+    type: path
+  install_root:
+    description: Where releases are kept, one per C(<install_root>/releases/<tag>/cara).
+    type: path
+    default: /opt/carapace
+  backup_dir:
+    description: Directory of the backups and their C(index.json) written by M(carapace.fleet.cara_backup).
+    type: path
+    default: /var/backups/carapace
+notes:
+  - C(cara --version) is the only command run. Nothing is written.
+seealso:
+  - module: carapace.fleet.cara_backup
+  - module: carapace.fleet.cara_restore
+"""
+
+EXAMPLES = r"""
+- name: Read the host's Carapace facts
+  carapace.fleet.cara_info:
+  register: cara
+
+- name: Refuse a host that is in the middle of cara's own update
+  ansible.builtin.assert:
+    that:
+      - cara.rollback_marker is none or cara.rollback_marker.startupState == 'rolled_back'
+    fail_msg: cara's own update is pending on this host; let it finish or roll it back first.
+
+- name: Local test host layout
+  carapace.fleet.cara_info:
+    bin_path: /srv/cara/bin/cara
+    state_dir: /srv/cara/state
+    install_root: /srv/cara/opt
+    backup_dir: /srv/cara/backups
+"""
+
+RETURN = r"""
+installed:
+  description: Whether an executable file is at O(bin_path).
+  returned: always
+  type: bool
+version:
+  description: Version from C(cara --version) (without C(v)); V(null) when not installed or it does not answer.
+  returned: always
+  type: str
+  sample: 0.9.0
+version_error:
+  description: What C(cara --version) answered when it was not C(cara <version>).
+  returned: when the binary did not answer as cara does
+  type: str
+tag:
+  description: The version as a release tag (C(v<version>)), the tag M(carapace.fleet.cara_backup) names backups with.
+  returned: always
+  type: str
+  sample: v0.9.0
+bin_path:
+  description: O(bin_path).
+  returned: always
+  type: str
+bin_exists:
+  description: Whether anything (even a dangling symlink) is at O(bin_path).
+  returned: always
+  type: bool
+bin_is_symlink:
+  description: Whether O(bin_path) is a symlink.
+  returned: always
+  type: bool
+symlink_target:
+  description: The symlink's target as written in the link, when O(bin_path) is a symlink.
+  returned: always
+  type: str
+  sample: /opt/carapace/releases/v0.9.0/cara
+real_path:
+  description: The file O(bin_path) resolves to.
+  returned: always
+  type: str
+sha256:
+  description: sha256 of the real binary.
+  returned: always
+  type: str
+size:
+  description: Size of the real binary in bytes.
+  returned: always
+  type: int
+config_path:
+  description: The config file that was read.
+  returned: always
+  type: str
+config_exists:
+  description: Whether it exists.
+  returned: always
+  type: bool
+config:
+  description: The parsed config with secrets redacted (C({}) when there is no config file).
+  returned: always
+  type: dict
+  sample: {"gateway": {"port": 18789, "auth": {"mode": "token", "token": "********"}}}
+config_error:
+  description: Why the config could not be read or parsed (then RV(config) and RV(gateway) are V(null)).
+  returned: always
+  type: str
+gateway:
+  description: Gateway facts of the config (defaults of cara-contract section 7 where unset).
+  returned: always
+  type: dict
+  contains:
+    port:
+      description: C(gateway.port), default 18789.
+      type: int
+    bind:
+      description: C(gateway.bind), default C(loopback).
+      type: str
+    control_enabled:
+      description: C(gateway.control.enabled).
+      type: bool
+    auth_mode:
+      description: C(gateway.auth.mode), else C(password) when a password is set, else C(token).
+      type: str
+    hooks_enabled:
+      description: C(gateway.hooks.enabled).
+      type: bool
+state_dir:
+  description: O(state_dir).
+  returned: always
+  type: str
+state_dir_exists:
+  description: Whether it is a directory.
+  returned: always
+  type: bool
+daemon:
+  description: Whether the daemon runs (section 2.3).
+  returned: always
+  type: dict
+  contains:
+    running:
+      description: The daemon lock is held or C(daemon.pid) names a live process.
+      type: bool
+    detail:
+      description: Which of the two, in words.
+      type: str
+    pid:
+      description: The PID in C(daemon.pid), if any (may be stale when RV(daemon.running) is false).
+      type: int
+transaction:
+  description: C(<state_dir>/updates/transaction.json) as parsed, V(null) when absent or corrupt.
+  returned: always
+  type: dict
+transaction_error:
+  description: Why C(transaction.json) could not be used (corrupt, symlink, too large); V(null) otherwise.
+  returned: always
+  type: str
+rollback_marker:
+  description: C(<state_dir>/updates/rollback.json) (HEAD releases write it after C(cara update)), V(null) when absent.
+  returned: always
+  type: dict
+rollback_marker_error:
+  description: Why C(rollback.json) could not be used; V(null) otherwise.
+  returned: always
+  type: str
+startup_health_failure:
+  description: C(<state_dir>/updates/startup_health_failure.json), V(null) when absent.
+  returned: always
+  type: dict
+startup_health_failure_error:
+  description: Why C(startup_health_failure.json) could not be used; V(null) otherwise.
+  returned: always
+  type: str
+install_root:
+  description: O(install_root).
+  returned: always
+  type: str
+releases:
+  description: Releases kept under O(install_root)C(/releases/<tag>/cara), oldest first.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    tag:
+      description: Directory name (the release tag).
+      type: str
+    path:
+      description: The binary.
+      type: str
+    sha256:
+      description: Its sha256.
+      type: str
+    size:
+      description: Its size in bytes.
+      type: int
+    active:
+      description: Whether O(bin_path) resolves to it.
+      type: bool
+active_release:
+  description: Tag of the active release, when O(bin_path) resolves into O(install_root).
+  returned: always
+  type: str
+switch:
+  description:
+    - The record M(carapace.fleet.cara_switch) keeps in O(install_root)C(/state.json) - C(active), C(previous) and
+      C(rolledBackFrom), each V(null) or C({tag, sha256, path}). V(null) when there is no such file.
+  returned: always
+  type: dict
+  sample: {"active": {"tag": "v0.9.0", "sha256": "9f2c...", "path": "/opt/carapace/releases/v0.9.0/cara"},
+           "previous": {"tag": "v0.8.0", "sha256": "1a2b...", "path": "/opt/carapace/releases/v0.8.0/cara"}}
+switch_error:
+  description: Why O(install_root)C(/state.json) could not be used; V(null) otherwise.
+  returned: always
+  type: str
+backup_dir:
+  description: O(backup_dir).
+  returned: always
+  type: str
+disk_free_mb:
+  description: Free space in MiB on the filesystem of O(backup_dir) (or its nearest existing parent); V(null) if unknown.
+  returned: always
+  type: int
+state_size_mb:
+  description: Size of the regular files under O(state_dir) in MiB, rounded up - about what one state snapshot needs.
+  returned: always
+  type: int
+backups:
+  description:
+    - Entries of O(backup_dir)C(/index.json), oldest first, as M(carapace.fleet.cara_backup) returns them, each with
+      C(exists) (and C(snapshot.exists)). Archives are not re-hashed here; M(carapace.fleet.cara_restore) does that.
+  returned: always
+  type: list
+  elements: dict
+backups_error:
+  description: Why the backup index could not be read; V(null) otherwise.
+  returned: always
+  type: str
+platform_asset:
+  description: The release asset name for this host's platform (C(cara-<arch>-<os>)), V(null) if cara has none.
+  returned: always
+  type: str
+  sample: cara-x86_64-linux
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _hostinfo
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            bin_path=dict(type="path", default="/usr/local/bin/cara"),
+            state_dir=dict(type="path", default="/var/lib/carapace"),
+            config_path=dict(type="path"),
+            install_root=dict(type="path", default="/opt/carapace"),
+            backup_dir=dict(type="path", default="/var/backups/carapace"),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    facts = _hostinfo.gather(p["bin_path"], p["state_dir"], p["config_path"], p["install_root"], p["backup_dir"],
+                             runner=_cara.tolerant_module_runner(module))
+    module.exit_json(changed=False, **facts)
+
+
+if __name__ == "__main__":
+    main()
