@@ -88,8 +88,8 @@ def acquire(path, run_id, pid):
         stale = bool(holder) and not alive(holder.get("pid"))
         if holder and not stale:
             raise LockHeld("another carapace.fleet run holds %s: run %s, pid %s on %s, since %s. Wait for it to end; "
-                           "if that process is gone, remove the file." % (path, holder.get("run_id"), holder.get("pid"),
-                                                                        holder.get("host"), holder.get("started")))
+                           "if that process is gone, remove the file."
+                           % (path, holder.get("run_id"), holder.get("pid"), holder.get("host"), holder.get("started")))
         tmp = "%s.%d.tmp" % (path, os.getpid())
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"run_id": run_id, "pid": pid, "host": socket.gethostname(),

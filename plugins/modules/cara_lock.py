@@ -24,6 +24,7 @@ attributes:
     description: Checks the lock and reports what would happen; takes or drops nothing.
   diff_mode:
     support: none
+    description: Nothing to diff; the result carries the lock or report content.
   idempotent:
     support: full
     description: Taking a lock the same run already holds, or dropping one it does not, changes nothing.

@@ -13,7 +13,7 @@ version_added: 0.1.0
 description:
   - Writes one row per host under O(dir)/rows/ and regenerates O(dir)/report.json and O(dir)/report.md from all rows,
     under a lock and atomically, so the report is complete for every host a run reached even when the run stops half way.
-  - A new O(run.id) starts a fresh report in the same directory.
+  - A new C(id) in O(run) starts a fresh report in the same directory.
   - Runs on the controller (C(delegate_to) C(localhost)); the roles of this collection call it as each host finishes.
 author:
   - carapace.fleet maintainers (@carapace-fleet)
@@ -23,6 +23,7 @@ attributes:
     description: Reports what would be written; writes nothing.
   diff_mode:
     support: none
+    description: Nothing to diff; the result carries the lock or report content.
   idempotent:
     support: full
     description: Writing the same rows again for the same run changes nothing.

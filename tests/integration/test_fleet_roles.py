@@ -1,0 +1,197 @@
+"""The upgrade and rollback playbooks, for real, on a local fleet: ansible-playbook against N local hosts whose
+`cara` daemons run as processes, releases signed by the test Sigstore and served on 127.0.0.1."""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from fleet import BIN, COLLECTIONS, LocalFleet, releases_for
+
+UPGRADE_SERIAL = ["1", "100%"]
+
+
+@pytest.fixture(scope="module")
+def releases(lab, tmp_path_factory):
+    return releases_for(lab, str(tmp_path_factory.mktemp("built")))
+
+
+@pytest.fixture
+def make_fleet(tmp_path, releases):
+    fleets = []
+
+    def make(hosts=3, install="v0.8.0"):
+        fleet = LocalFleet(tmp_path / ("f%d" % len(fleets)), releases, hosts=hosts, install=install)
+        fleets.append(fleet)
+        return fleet
+    yield make
+    for fleet in fleets:
+        fleet.stop()
+
+
+def state_files(hv):
+    """{relative path: bytes} of a host's state dir, minus what the daemon rewrites by merely running."""
+    out = {}
+    root = hv["cara_state_dir"]
+    for top, _dirs, files in os.walk(root):
+        for name in files:
+            rel = os.path.relpath(os.path.join(top, name), root)
+            if rel == "daemon.pid" or rel.endswith(".lock") or rel.startswith("updates" + os.sep):
+                continue
+            with open(os.path.join(top, name), "rb") as f:
+                out[rel] = f.read()
+    return out
+
+
+def host_changed_counts(out):
+    """PLAY RECAP changed= per host."""
+    counts = {}
+    for line in out.splitlines():
+        if " : ok=" in line and "changed=" in line:
+            host = line.split(":", 1)[0].strip()
+            counts[host] = counts.get(host, 0) + int(line.split("changed=", 1)[1].split()[0])
+    return counts
+
+
+def test_rolling_upgrade_then_idempotent_rerun(make_fleet, releases):
+    fleet = make_fleet(hosts=5)
+    manifest = json.load(open(os.path.join(releases, "releases.json"), encoding="utf-8"))
+    rc, out = fleet.playbook("upgrade", cara_upgrade_version="v0.9.0",
+                             cara_upgrade_release_notes=fleet.server.url + "/puremachinery/carapace/docs/releases/v0.9.0.md",
+                             cara_upgrade_ack_breaking="v0.9.0")
+    assert rc == 0, out[-4000:]
+    report = fleet.report()
+    assert [h["result"] for h in report["hosts"]] == ["upgraded"] * 5
+    for row in report["hosts"]:
+        hv = fleet.hostvars()[row["host"]]
+        assert fleet.active(row["host"]) == "v0.9.0"
+        assert fleet.health(row["host"])["version"] == "0.9.0"
+        assert row["from"] == "v0.8.0" and row["to"] == "v0.9.0"
+        assert row["sha256"] == manifest["releases"]["v0.9.0"]["assets"]["cara-x86_64-linux"]
+        assert isinstance(row["log_index"], int) and row["downtime_s"] > 0
+        assert os.path.isfile(row["backup"]) and row["backup"].startswith(hv["cara_backup_dir"])
+        index = json.load(open(os.path.join(hv["cara_backup_dir"], "index.json"), encoding="utf-8"))
+        assert any(e["path"] == row["backup"] for e in (index["backups"] if isinstance(index, dict) else index))
+        assert not os.path.exists(os.path.join(hv["cara_state_dir"], "updates", "transaction.json"))
+    # one download of the asset for the whole fleet
+    assert fleet.server.downloads("cara-x86_64-linux") == 1
+    rc, out = fleet.playbook("upgrade", cara_upgrade_version="v0.9.0")
+    assert rc == 0, out[-4000:]
+    assert [h["result"] for h in fleet.report()["hosts"]] == ["unchanged"] * 5
+    assert set(host_changed_counts(out).values()) == {0}, out[-3000:]
+    assert fleet.server.downloads("cara-x86_64-linux") == 1
+
+
+def test_canary_failure_rolls_back_and_stops_the_line(make_fleet):
+    fleet = make_fleet(hosts=3)
+    before = {name: state_files(hv) for name, hv in fleet.hostvars().items()}
+    rc, out = fleet.playbook("upgrade", cara_upgrade_version="v0.9.1", cara_upgrade_serial=UPGRADE_SERIAL,
+                             cara_upgrade_health_timeout=15)
+    assert rc != 0
+    rows = {h["host"]: h for h in fleet.report()["hosts"]}
+    assert rows["cara-01"]["result"] == "rolled_back", out[-4000:]
+    assert isinstance(rows["cara-01"]["rto_s"], float)
+    assert rows["cara-02"]["result"] == rows["cara-03"]["result"] == "pending"
+    assert "ready" in rows["cara-01"]["details"]["error"]
+    for name in ("cara-01", "cara-02", "cara-03"):
+        assert fleet.active(name) == "v0.8.0"
+        assert fleet.health(name)["version"] == "0.8.0"
+    # the canary's state is back as it was (the gate after the rollback adds its own verify session and task)
+    after = state_files(fleet.hostvars()["cara-01"])
+    for rel, data in before["cara-01"].items():
+        if not rel.startswith(("sessions", "tasks")):
+            assert after[rel] == data, rel
+    for name in ("cara-02", "cara-03"):
+        assert state_files(fleet.hostvars()[name]) == before[name]
+        assert not os.listdir(fleet.hostvars()[name]["cara_backup_dir"])
+    tx = json.load(open(os.path.join(fleet.hostvars()["cara-01"]["cara_state_dir"], "updates", "transaction.json"),
+                        encoding="utf-8"))
+    assert tx["state"] == "failed" and tx["retryable"] is False and "rolled back to v0.8.0" in tx["lastError"]
+
+
+def test_check_mode_changes_nothing(make_fleet):
+    fleet = make_fleet(hosts=2)
+    before = {name: (state_files(hv), fleet.active(name)) for name, hv in fleet.hostvars().items()}
+    rc, out = fleet.playbook("upgrade", "--check", cara_upgrade_version="v0.9.0")
+    assert rc == 0, out[-4000:]
+    for name, hv in fleet.hostvars().items():
+        assert (state_files(hv), fleet.active(name)) == before[name]
+        assert not os.path.exists(os.path.join(hv["cara_state_dir"], "updates", "transaction.json"))
+    assert fleet.server.downloads("cara-x86_64-linux") == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"cara_upgrade_version": "v0.7.0"}, "downgrade"),
+    ({"cara_upgrade_version": "v1.0.0-preview1", "cara_known_tags": ["v0.8.0", "v1.0.0-preview1"]}, "preview"),
+    ({"cara_upgrade_version": "v0.9.0", "cara_upgrade_release_notes": "NOTES-INCOMPLETE"}, "Rollback Steps"),
+    ({"cara_upgrade_version": "v0.9.0", "cara_upgrade_release_notes": "NOTES"}, "cara_upgrade_ack_breaking"),
+])
+def test_refusals_touch_no_host(make_fleet, extra, message):
+    fleet = make_fleet(hosts=1)
+    notes = fleet.server.url + "/puremachinery/carapace/docs/%s/v0.9.0.md"
+    if extra.get("cara_upgrade_release_notes") == "NOTES":
+        extra["cara_upgrade_release_notes"] = notes % "releases"
+    elif extra.get("cara_upgrade_release_notes") == "NOTES-INCOMPLETE":
+        extra["cara_upgrade_release_notes"] = notes % "releases-incomplete"
+    before = state_files(fleet.hostvars()["cara-01"])
+    rc, out = fleet.playbook("upgrade", **extra)
+    assert rc != 0
+    assert message in out, out[-3000:]
+    assert fleet.active("cara-01") == "v0.8.0"
+    assert state_files(fleet.hostvars()["cara-01"]) == before
+    assert fleet.server.downloads("cara-x86_64-linux") == 0
+
+
+def test_chain_is_planned_and_refused_without_opt_in(make_fleet):
+    fleet = make_fleet(hosts=1, install="v0.7.0")
+    rc, out = fleet.playbook("upgrade", cara_upgrade_version="v0.9.0")
+    assert rc != 0
+    assert "v0.8.0 -> v0.9.0" in out and "cara_upgrade_chain" in out
+    assert fleet.active("cara-01") == "v0.7.0"
+
+
+def _kill_when(fleet, host, phase, proc_holder, stop):
+    path = os.path.join(fleet.hostvars()[host]["cara_state_dir"], "updates", "transaction.json")
+    while not stop.is_set():
+        try:
+            with open(path, encoding="utf-8") as f:
+                if json.load(f).get("phase") == phase and proc_holder:
+                    os.killpg(proc_holder[0].pid, signal.SIGKILL)
+                    return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("phase", ["verified", "applying"])
+def test_killed_run_resumes(make_fleet, phase):
+    fleet = make_fleet(hosts=1)
+    vars_file = os.path.join(fleet.base, "kill-vars.json")
+    with open(vars_file, "w", encoding="utf-8") as f:
+        json.dump(fleet.extra_vars(cara_upgrade_version="v0.9.0"), f)
+    cmd = [os.path.join(BIN, "ansible-playbook"), "-i", fleet.inventory, "carapace.fleet.upgrade", "-e", "@" + vars_file]
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=COLLECTIONS, ANSIBLE_HOME=os.path.join(fleet.base, ".ansible"))
+    holder, stop = [], threading.Event()
+    watcher = threading.Thread(target=_kill_when, args=(fleet, "cara-01", phase, holder, stop))
+    proc = subprocess.Popen(cmd, cwd=fleet.base, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # pylint: disable=consider-using-with
+                            start_new_session=True)
+    holder.append(proc)
+    watcher.start()
+    try:
+        proc.wait(timeout=600)
+    finally:
+        stop.set()
+        watcher.join()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before reaching %s" % phase
+    tx_path = os.path.join(fleet.hostvars()["cara-01"]["cara_state_dir"], "updates", "transaction.json")
+    assert json.load(open(tx_path, encoding="utf-8"))["phase"] == phase
+    rc, out = fleet.playbook("upgrade", cara_upgrade_version="v0.9.0")
+    assert rc == 0, out[-4000:]
+    assert fleet.active("cara-01") == "v0.9.0"
+    assert fleet.health("cara-01")["version"] == "0.9.0"
+    assert not os.path.exists(tx_path)
+    assert fleet.report()["hosts"][0]["result"] == "upgraded"
