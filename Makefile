@@ -21,12 +21,16 @@ ANSIBLE_TEST_PIP := $(HOME)/.ansible/test/cache/get_pip_24_2.py
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: test setup venv collection lint sanity unit integration doc build refresh-trust-root clean
+.PHONY: test demo setup venv collection lint sanity unit integration doc build refresh-trust-root clean
 
 test: setup lint sanity doc unit integration
 	@echo "make test: all suites passed"
 
 setup: venv collection
+
+# The main job on an embedded local fleet: releases, a loopback server, 5 hosts, a rolling upgrade and a drill.
+demo: setup
+	scripts/demo.sh
 
 venv: $(VENV)/.installed
 
@@ -62,8 +66,10 @@ sanity: build
 		| { grep -vE '^(WARNING: Location|Looking in|Collecting|Downloading|Processing|Installing|Successfully|Requirement already|Attempting|Found existing|Uninstalling|  )' || true; }
 
 doc: setup
-	$(BIN)/ansible-doc carapace.fleet.cara_release >/dev/null
-	@echo "ansible-doc: carapace.fleet.cara_release renders"
+	for m in plugins/modules/*.py; do n=$$(basename $$m .py); $(BIN)/ansible-doc carapace.fleet.$$n >/dev/null || exit 1; done
+	$(BIN)/ansible-doc -t filter carapace.fleet.cara_upgrade_path >/dev/null
+	for r in roles/*/; do $(BIN)/ansible-doc -t role carapace.fleet.$$(basename $$r) >/dev/null || exit 1; done
+	@echo "ansible-doc: every module, filter and role renders"
 
 unit: setup
 	$(BIN)/python -m pytest -q tests/unit

@@ -79,7 +79,7 @@ class LocalFleet:
         cmd = [os.path.join(BIN, "ansible-playbook"), "-i", self.inventory, "carapace.fleet.%s" % name,
                "-e", "@" + vars_file] + list(args)
         env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=COLLECTIONS, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
-                   ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_HOME=os.path.join(self.base, ".ansible"),
+                   ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_HOME=os.path.join(self.base, ".ansible"), ANSIBLE_PIPELINING="1",
                    ANSIBLE_LOCAL_TEMP=os.path.join(self.base, ".ansible", "tmp"), ANSIBLE_DEPRECATION_WARNINGS="0",
                    PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
         proc = subprocess.run(cmd, cwd=self.base, env=env, capture_output=True, text=True, timeout=timeout, check=False)

@@ -165,6 +165,12 @@ def stop_host(hv, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
+            # a daemon this process started is its child: reap it, or it lingers as a zombie that kill(0) still sees
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            pass
+        try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# make demo: the collection's main job on an embedded local fleet, end to end, on this machine only.
+#   1. signed releases of the cara test double (v0.7.0 .. faulty v0.9.1) and a private test Sigstore
+#   2. a release server on 127.0.0.1, laid out as GitHub serves releases
+#   3. five local hosts (own state dir, port, install root, service script), v0.8.0 installed and running
+#   4. ansible-playbook carapace.fleet.upgrade to v0.9.0, canary first, in batches
+#   5. ansible-playbook carapace.fleet.rollback_drill with the faulty v0.9.1 on one host: its gate fails, it is
+#      rolled back to v0.9.0 with its state restored, and the drill proves it
+# Reports stay in build/demo/upgrade/ and build/demo/drill/. Every process started here is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+DEMO=build/demo
+FLEETCTL="$PY tests/support/fleetctl.py"
+export ANSIBLE_COLLECTIONS_PATH="$PWD/.collections" ANSIBLE_HOME="$PWD/$DEMO/.ansible" ANSIBLE_RETRY_FILES_ENABLED=0
+export PATH="$PWD/.venv/bin:$PATH"
+
+server_pid=""
+cleanup() {
+    $FLEETCTL stop --dir "$DEMO/fleet" >/dev/null 2>&1 || true
+    if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
+
+step() { printf '\n=== %s\n' "$*"; }
+
+rm -rf "$DEMO"
+mkdir -p "$DEMO"
+step "Building signed releases of the cara double (private test Sigstore)"
+$FLEETCTL releases --out "$DEMO/releases"
+
+port=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+step "Serving them on http://127.0.0.1:$port"
+$FLEETCTL serve --root "$DEMO/releases" --port "$port" > "$DEMO/server.log" 2>&1 &
+server_pid=$!
+for _ in $(seq 50); do grep -q serving "$DEMO/server.log" 2>/dev/null && break; sleep 0.1; done
+
+step "Creating a local fleet of 5 hosts with v0.8.0 installed and running"
+$FLEETCTL fleet --hosts 5 --dir "$DEMO/fleet" --install v0.8.0 --releases "$DEMO/releases"
+$FLEETCTL start --dir "$DEMO/fleet"
+
+common=(-i "$DEMO/fleet/inventory.yml"
+        -e "cara_release_base_url=http://127.0.0.1:$port/{repo}/releases/download/{tag}"
+        -e "cara_trusted_root=$PWD/$DEMO/releases/trusted_root.json"
+        -e "cara_release_cache_dir=$PWD/$DEMO/cache"
+        -e "cara_fleet_lock_path=$PWD/$DEMO/run.lock")
+
+step "Rolling upgrade to v0.9.0 (canary first: batches of 1, 25 %, 100 %)"
+ansible-playbook "${common[@]}" carapace.fleet.upgrade \
+    -e cara_upgrade_version=v0.9.0 \
+    -e "cara_upgrade_release_notes=http://127.0.0.1:$port/puremachinery/carapace/docs/releases/v0.9.0.md" \
+    -e cara_upgrade_ack_breaking=v0.9.0 \
+    -e "cara_report_dir=$PWD/$DEMO/upgrade"
+
+step "Rollback drill: the faulty v0.9.1 on one host"
+ansible-playbook "${common[@]}" carapace.fleet.rollback_drill \
+    -e cara_drill_version=v0.9.1 -e cara_upgrade_health_timeout=20 \
+    -e "cara_drill_report_dir=$PWD/$DEMO/drill"
+
+step "Fleet report: upgrade ($DEMO/upgrade/report.md)"
+cat "$DEMO/upgrade/report.md"
+step "Fleet report: drill ($DEMO/drill/report.md)"
+cat "$DEMO/drill/report.md"
+step "Demo finished: reports in $DEMO/upgrade/ and $DEMO/drill/"
