@@ -100,9 +100,11 @@ class Report:
         counts = {result: sum(1 for h in hosts if h["result"] == result) for result in RESULTS}
         rtos = [h["rto_s"] for h in hosts if isinstance(h.get("rto_s"), (int, float))]
         downs = [h["downtime_s"] for h in hosts if isinstance(h.get("downtime_s"), (int, float))]
+        # A rollback (or a drill's forced one) is the expected outcome of a rollback run, not a problem.
+        expected_rollback = run.get("kind") in ("rollback", "drill")
+        ok = counts["failed"] == 0 and counts["pending"] == 0 and (expected_rollback or counts["rolled_back"] == 0)
         summary = dict(counts, hosts=len(hosts), max_downtime_s=max(downs) if downs else None,
-                       max_rto_s=max(rtos) if rtos else None,
-                       ok=counts["failed"] == 0 and counts["rolled_back"] == 0 and counts["pending"] == 0)
+                       max_rto_s=max(rtos) if rtos else None, ok=ok)
         return {"run": dict(run), "summary": summary, "hosts": hosts}
 
 

@@ -47,6 +47,13 @@ def test_a_new_run_starts_a_fresh_report(tmp_path):
     assert report["summary"]["ok"] is True
 
 
+def test_a_rollback_is_the_expected_outcome_of_a_drill(tmp_path):
+    report, _changed = Report(str(tmp_path)).write(dict(RUN, kind="drill"), row=row("a", "rolled_back", rto_s=30.0))
+    assert report["summary"]["ok"] is True
+    report, _changed = Report(str(tmp_path)).write(dict(RUN, id="run-9", kind="drill"), row=row("a", "failed"))
+    assert report["summary"]["ok"] is False
+
+
 def test_bad_rows_are_refused(tmp_path):
     with pytest.raises(ValueError):
         Report(str(tmp_path)).write(RUN, row=row("a", "exploded"))
