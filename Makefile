@@ -2,6 +2,8 @@
 #   make test      set up, then lint, sanity and every pytest suite (CI runs this through .ci/run)
 #   make unit | integration | lint | sanity | doc      one part
 #   make refresh-trust-root                           re-pin Sigstore's production trusted_root.json
+#   make demo                                         the main job on an embedded local fleet
+#   make molecule [S=smoke]                           Molecule scenarios on podman container hosts
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -20,6 +22,9 @@ ANSIBLE_TEST_PIP := $(HOME)/.ansible/test/cache/get_pip_24_2.py
 
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+# Molecule drills on container hosts (make molecule-setup, make molecule S=<name>); see molecule/README.md.
+include molecule/molecule.mk
 
 .PHONY: test demo setup venv collection lint sanity unit integration doc build refresh-trust-root clean
 
