@@ -37,6 +37,7 @@ import tempfile
 import time
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _cara
+from ansible_collections.carapace.fleet.plugins.module_utils._digest import sha256_file
 
 CARA_MARKER = ".carapace-backup"
 SNAPSHOT_MARKER = ".carapace-fleet-state-snapshot"
@@ -106,19 +107,7 @@ def archive_names(tag, stamp, index):
 
 def hash_nofollow(path):
     """(sha256 hex, size) of a regular file, refusing to follow a symlink in the last component."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as handle:
-        digest = hashlib.sha256()
-        size = 0
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def sha256_file(path):
-    """(sha256 hex, size) of a file inside a directory this module controls (never through a final symlink)."""
-    return hash_nofollow(path)
+    return sha256_file(path, follow=False)
 
 
 def content_digest(manifest, with_dirs_and_modes=False):

@@ -16,6 +16,8 @@ import os
 import socket
 import time
 
+from ansible_collections.carapace.fleet.plugins.module_utils._cara import pid_alive
+
 
 class LockHeld(Exception):
     """Another live run holds the lock."""
@@ -58,13 +60,7 @@ def alive(pid):
     line = _cmdline(pid)
     if os.path.isdir("/proc/self") and line and "ansible" not in line:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def read(path):

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 
+from ansible_collections.carapace.fleet.plugins.module_utils._cara import pid_alive
 from ansible_collections.carapace.fleet.plugins.module_utils._download import FetchError, Source, fetch
 from ansible_collections.carapace.fleet.plugins.module_utils._verify import (
     VerifyError, check_sha256sums, parse_sha256sums, sha256_file, verify_bundle)
@@ -228,7 +229,7 @@ class ReleaseCache:
             if not entry.startswith(INCOMING_PREFIX):
                 continue
             pid = entry[len(INCOMING_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(os.path.join(self.dest, entry), ignore_errors=True)
 
     def _listing(self):
@@ -286,12 +287,3 @@ class ReleaseCache:
             files.update((SUMS, SUMS + ".bundle"))
         return files
 
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

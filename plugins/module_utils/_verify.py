@@ -32,6 +32,7 @@ else:
     SIGSTORE_IMPORT_ERROR = None
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _pinned_root
+from ansible_collections.carapace.fleet.plugins.module_utils._digest import sha256_file  # noqa: F401  pylint: disable=unused-import
 # Tag syntax lives with the version logic (no sigstore import there, so planning stays cheap).
 from ansible_collections.carapace.fleet.plugins.module_utils._version import check_tag, is_preview  # noqa: F401  pylint: disable=unused-import
 
@@ -42,7 +43,6 @@ OID_ISSUER_V1 = "1.3.6.1.4.1.57264.1.1"
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 _HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-_CHUNK = 1 << 20
 
 
 class VerifyError(Exception):
@@ -71,17 +71,6 @@ def build_policy(identity, issuer=GITHUB_ISSUER):
     if not identity or not issuer:
         raise ValueError("an expected identity and issuer are required: verification never runs without a policy")
     return policy.AllOf([policy.OIDCIssuerV2(issuer), policy.Identity(identity=identity)])
-
-
-def sha256_file(path):
-    """Stream a file's sha256; returns (hex digest, size)."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 class TrustRoot:
