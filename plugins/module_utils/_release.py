@@ -286,4 +286,3 @@ class ReleaseCache:
         if self.checksums != "ignore" and (sums is None or sums["digests"] is not None):
             files.update((SUMS, SUMS + ".bundle"))
         return files
-
