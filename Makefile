@@ -1,9 +1,9 @@
 # carapace.fleet: everything a fresh machine (Python 3.11, apt, pip) needs is installed from here.
-#   make test      set up, then lint, sanity and every pytest suite (CI runs this through .ci/run)
+#   make test      set up, then lint, sanity, every pytest suite and the Molecule drills (CI runs this through .ci/run)
 #   make unit | integration | lint | sanity | doc      one part
 #   make refresh-trust-root                           re-pin Sigstore's production trusted_root.json
 #   make demo                                         the main job on an embedded local fleet
-#   make molecule [S=smoke]                           Molecule scenarios on podman container hosts
+#   make molecule [S=upgrade]                         Molecule drills on podman container hosts (molecule/README.md)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -28,7 +28,7 @@ include molecule/molecule.mk
 
 .PHONY: test demo setup venv collection lint sanity unit integration doc build refresh-trust-root clean
 
-test: setup lint sanity doc unit integration
+test: setup lint sanity doc unit integration molecule
 	@echo "make test: all suites passed"
 
 setup: venv collection

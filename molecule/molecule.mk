@@ -2,9 +2,10 @@
 # BIN (.venv/bin), the `setup` target (venv + collection link) and exports ANSIBLE_COLLECTIONS_PATH and PATH.
 #
 #   make molecule-setup                  Debian packages, containers.conf, driver collections, host image
-#   make molecule                        every scenario under molecule/ (molecule test), one after another
-#   make molecule S=smoke                one scenario
-#   make molecule MOLECULE_DRIVER=docker S=smoke      the same scenario on a Docker engine (a laptop)
+#   make molecule                        the four drills (upgrade rollback_drill fail_closed resume), molecule test
+#   make molecule S=smoke                one scenario (S=smoke: the container-host infrastructure itself)
+#   make molecule MOLECULE_DRIVER=docker S=upgrade    the same scenario on a Docker engine (a laptop)
+#   make molecule-run C=converge S=resume             another molecule command (hosts are kept)
 #   make molecule-destroy [S=...]        remove a failed run's containers and networks
 #
 # The image is built once (scripts/molecule_setup.sh caches it) and shared by every scenario.
@@ -12,12 +13,11 @@
 MOLECULE_DRIVER ?= podman
 MOLECULE_DIR := $(CURDIR)/molecule
 MOLECULE_STATE := $(CURDIR)/build/molecule
-# Every directory of molecule/ holding a molecule.yml, in name order; S=<name> picks one.
-MOLECULE_SCENARIOS := $(sort $(patsubst $(MOLECULE_DIR)/%/molecule.yml,%,$(wildcard $(MOLECULE_DIR)/*/molecule.yml)))
+# The rollback drills `make molecule` (and so `make test`) runs; S=<name> picks others, e.g. S=smoke (the
+# infrastructure's own check) or any directory of molecule/ holding a molecule.yml.
+MOLECULE_SCENARIOS := upgrade rollback_drill fail_closed resume
 S ?= $(MOLECULE_SCENARIOS)
-MOLECULE_BASE_CONFIGS := --base-config $(MOLECULE_DIR)/base.yml \
-	--base-config $(MOLECULE_DIR)/$(MOLECULE_DRIVER).yml
-
+C ?= converge
 # Environment of every molecule run (recipe-local: the rest of `make test` is not affected).
 #  CONTAINERS_CONF    this VM's podman quirks (runc, cgroupfs, ulimits), written by the setup script
 #  collections        the collection itself (.collections) + containers.podman, community.docker, ansible.posix
@@ -30,7 +30,7 @@ MOLECULE_ENV := \
 	MOLECULE_GLOB='molecule/*/molecule.yml' \
 	NO_COLOR=1 PY_COLORS=0 ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1
 
-.PHONY: molecule-setup molecule molecule-destroy molecule-check-driver
+.PHONY: molecule-setup molecule molecule-run molecule-destroy molecule-check-driver
 
 molecule-setup: setup
 	MOLECULE_DRIVER=$(MOLECULE_DRIVER) BIN=$(BIN) bash scripts/molecule_setup.sh
@@ -40,14 +40,13 @@ molecule-check-driver:
 	@test -f $(MOLECULE_DIR)/$(MOLECULE_DRIVER).yml || \
 		{ echo "molecule: no molecule/$(MOLECULE_DRIVER).yml (MOLECULE_DRIVER=podman or docker)" >&2; exit 2; }
 
+# The release source (signed releases + fail_closed's broken ones) is built and served on 127.0.0.1 for the run.
 molecule: molecule-check-driver molecule-setup
-	@set -e; start=$$SECONDS; for s in $(S); do \
-		echo "== molecule test -s $$s ($(MOLECULE_DRIVER))"; t=$$SECONDS; \
-		$(MOLECULE_ENV) $(CURDIR)/$(BIN)/molecule $(MOLECULE_BASE_CONFIGS) test -s $$s; \
-		echo "== molecule test -s $$s passed in $$((SECONDS - t)) s"; \
-	done; echo "== molecule: $(words $(S)) scenario(s) passed in $$((SECONDS - start)) s"
+	$(MOLECULE_ENV) MOLECULE_DRIVER=$(MOLECULE_DRIVER) BIN=$(BIN) bash scripts/molecule_run.sh test $(S)
+
+# Any other molecule command on the scenarios, with the release source up: make molecule-run C=converge S=resume
+molecule-run: molecule-check-driver molecule-setup
+	$(MOLECULE_ENV) MOLECULE_DRIVER=$(MOLECULE_DRIVER) BIN=$(BIN) bash scripts/molecule_run.sh $(C) $(S)
 
 molecule-destroy: molecule-check-driver
-	@for s in $(S); do \
-		$(MOLECULE_ENV) $(CURDIR)/$(BIN)/molecule $(MOLECULE_BASE_CONFIGS) destroy -s $$s || true; \
-	done
+	$(MOLECULE_ENV) MOLECULE_DRIVER=$(MOLECULE_DRIVER) BIN=$(BIN) bash scripts/molecule_run.sh destroy $(S)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Run a Molecule command on scenarios with their release source up: the signed releases of the cara double and
+# the broken ones of fail_closed (molecule/release_lab.py), served by a real HTTP server on 127.0.0.1 for the
+# whole run and stopped on exit. Called by molecule/molecule.mk (make molecule, make molecule-destroy).
+#
+#   scripts/molecule_run.sh COMMAND SCENARIO...      e.g. test upgrade resume; converge rollback_drill
+#
+# Environment: BIN (venv bin), MOLECULE_DRIVER (podman | docker), and what molecule.mk exports (collections,
+# CONTAINERS_CONF, ANSIBLE_HOME). Exports to the scenarios: MOLECULE_RELEASES (the release tree) and
+# MOLECULE_RELEASE_URL (where it is served), used by molecule/base.yml.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+BIN="${BIN:-.venv/bin}"
+[[ "$BIN" = /* ]] || BIN="$ROOT/$BIN"
+DRIVER="${MOLECULE_DRIVER:-podman}"
+COMMAND="${1:?usage: molecule_run.sh COMMAND SCENARIO...}"
+shift
+STATE="$ROOT/build/molecule"
+export MOLECULE_RELEASES="$STATE/releases"
+
+server_pid=""
+stop_server() {
+    if [[ -n "$server_pid" ]]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+}
+trap stop_server EXIT
+
+if [[ "$COMMAND" != destroy ]]; then
+    "$BIN/python" molecule/release_lab.py --out "$MOLECULE_RELEASES"
+    port="$("$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
+    "$BIN/python" tests/support/fleetctl.py serve --root "$MOLECULE_RELEASES" --port "$port" >"$STATE/release-server.log" 2>&1 &
+    server_pid=$!
+    for _ in $(seq 100); do grep -q serving "$STATE/release-server.log" 2>/dev/null && break; sleep 0.1; done
+    grep -q serving "$STATE/release-server.log" || { cat "$STATE/release-server.log" >&2; exit 1; }
+    export MOLECULE_RELEASE_URL="http://127.0.0.1:$port"
+else
+    export MOLECULE_RELEASE_URL=http://127.0.0.1:9
+fi
+
+start=$SECONDS
+for s in "$@"; do
+    echo "== molecule $COMMAND -s $s ($DRIVER)"
+    t=$SECONDS
+    if [[ "$COMMAND" == destroy ]]; then
+        "$BIN/molecule" --base-config molecule/base.yml --base-config "molecule/$DRIVER.yml" destroy -s "$s" || true
+        continue
+    fi
+    "$BIN/molecule" --base-config molecule/base.yml --base-config "molecule/$DRIVER.yml" "$COMMAND" -s "$s"
+    echo "== molecule $COMMAND -s $s passed in $((SECONDS - t)) s"
+done
+echo "== molecule $COMMAND: $# scenario(s) passed in $((SECONDS - start)) s"
