@@ -29,7 +29,7 @@ class CallbackModule(CallbackBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        host, _, task = os.environ.get("MOLECULE_KILL_AT", "").partition(":")
+        host, _sep, task = os.environ.get("MOLECULE_KILL_AT", "").partition(":")
         self._at = (host, task) if host and task else None
 
     def v2_runner_on_ok(self, result):

@@ -15,7 +15,7 @@ BUDGET_S = 60  # molecule.yml: molecule_rto_budget_s
 
 
 def test_standalone_rollback_restored_the_pre_upgrade_backup(host, me, run_dir, manifest):
-    _, upgraded = read_report(os.path.join(run_dir, "upgrade"))
+    upgraded = read_report(os.path.join(run_dir, "upgrade"))[1]
     assert (upgraded[me]["result"], upgraded[me]["to"]) == ("upgraded", "v0.9.0")
     assert upgraded[me]["sha256"] == asset_sha256(manifest, "v0.9.0")
     report, rolled = read_report(os.path.join(run_dir, "rollback"))
