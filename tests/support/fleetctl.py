@@ -77,7 +77,10 @@ def make_fleet(base, count, *, install=None, releases=None, repo=DEFAULT_REPO, a
         for key in ("state_dir", "install_root", "backup_dir", "run_dir"):
             os.makedirs(paths[key], mode=0o700 if key == "state_dir" else 0o755, exist_ok=True)
         os.makedirs(os.path.dirname(paths["bin_path"]), exist_ok=True)
+        # The OS may hand the same free port out twice over a large fleet: every host needs its own.
         port = free_port()
+        while port in {h["port"] for h in hosts.values()}:
+            port = free_port()
         with open(paths["config_path"], "w", encoding="utf-8") as f:
             f.write(HOST_CONFIG.format(name=name, port=port, token=secrets.token_hex(16)))
         os.chmod(paths["config_path"], 0o600)
