@@ -3,6 +3,7 @@
 #   make unit | integration | lint | sanity | doc      one part
 #   make refresh-trust-root                           re-pin Sigstore's production trusted_root.json
 #   make demo                                         the main job on an embedded local fleet
+#   make bench [BENCH_RECORD=1]                       benchmarks B1-B5 as ratios (benchmarks/RESULTS.md)
 #   make molecule [S=upgrade]                         Molecule drills on podman container hosts (molecule/README.md)
 
 SHELL := /bin/bash
@@ -25,6 +26,8 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 # Molecule drills on container hosts (make molecule-setup, make molecule S=<name>); see molecule/README.md.
 include molecule/molecule.mk
+# Benchmarks (make bench, not part of make test); see benchmarks/README.md.
+include benchmarks/bench.mk
 
 .PHONY: test demo setup venv collection lint sanity unit integration doc build refresh-trust-root clean
 
