@@ -13,6 +13,9 @@ Fixtures:
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from testinfra.utils.ansible_runner import AnsibleRunner
@@ -31,9 +34,6 @@ def fleet_hosts(pytestconfig):
 # What the drill scenarios' tests read: the release manifest and the reports on the controller (testinfra runs
 # there), and on each host the record molecule/playbooks/prepare-fleet.yml left outside everything the roles touch.
 
-import hashlib  # noqa: E402  pylint: disable=wrong-import-position
-import json  # noqa: E402  pylint: disable=wrong-import-position
-import os  # noqa: E402  pylint: disable=wrong-import-position
 
 ASSET = "cara-x86_64-linux"
 BIN = "/usr/local/bin/cara"
@@ -132,10 +132,6 @@ def active_release(host):
 
 def backup_index(host):
     return json.loads(host.file(BACKUP_DIR + "/index.json").content_string)
-
-
-def sha256_text(text):
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @pytest.fixture()
