@@ -806,7 +806,7 @@ class HostBackup:
         else:
             raise BackupError("cara_failed", "`%s --version` did not answer `cara <version>`, so the backup cannot be "
                               "named after the installed version. Check the binary, or pass tag." % self.cli.binary)
-        running, detail = _cara.daemon_running(self.state_dir)
+        running, detail = self.cli.daemon_running()
         if running:
             if not check_mode:
                 raise BackupError("daemon_running", "refusing to back up %s while the cara daemon is running (%s): "
@@ -1045,7 +1045,7 @@ class HostRestore:
         if entry.get("state_dir") and entry["state_dir"] != self.state_dir:
             self.warnings.append("backup %s was taken from state_dir %s; restoring into %s"
                                  % (entry["path"], entry["state_dir"], self.state_dir))
-        running, detail = _cara.daemon_running(self.state_dir)
+        running, detail = self.cli.daemon_running()
         if running:
             if not check_mode:
                 raise BackupError("daemon_running", "refusing to restore into %s while the cara daemon is running "

@@ -58,19 +58,139 @@ def config_path(state_dir, explicit=None):
     return json5_path if os.path.exists(json5_path) else os.path.join(state_dir, "carapace.json")
 
 
-def load_config(path):
-    """Parse the JSON5 config; returns {} when the file does not exist. Raises CaraError on a parse error."""
+class Json5Missing(CaraError):
+    """The config is JSON5 (not plain JSON) and this Python has no json5 module to read it."""
+
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+MAX_INCLUDE_DEPTH = 10
+# Variables that steer the loader itself: a config's `env` section cannot set them (section 7).
+LOADER_CONTROL_ENV = ("CARAPACE_STATE_DIR", "CARAPACE_CONFIG_PATH", "CARAPACE_CONFIG_PASSWORD",
+                      "CARAPACE_DISABLE_CONFIG_CACHE", "CARAPACE_CONFIG_CACHE_MS")
+_ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _parse_config_text(text, path):
+    if json5 is not None:
+        try:
+            return json5.loads(text)
+        except Exception as exc:  # json5 raises ValueError and friends; any failure means "does not parse"
+            raise CaraError("config %s does not parse as JSON5: %s" % (path, exc)) from exc
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise Json5Missing("config %s is not plain JSON (%s) and this host's Python has no json5 module to read it "
+                           "as JSON5" % (path, exc)) from exc
+
+
+def _read_config_file(path, depth):
+    if depth > MAX_INCLUDE_DEPTH:
+        raise CaraError("config %s: $include nests deeper than %d" % (path, MAX_INCLUDE_DEPTH))
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise CaraError("config %s is larger than 4 MiB" % path)
+    with open(path, "r", encoding="utf-8") as f:
+        data = _parse_config_text(f.read(), path)
+    return _resolve_includes(data, os.path.dirname(path), depth)
+
+
+def _resolve_includes(value, base, depth):
+    """`$include` (a file or a list of files, relative to the including file): included objects first, local keys win."""
+    if isinstance(value, list):
+        return [_resolve_includes(v, base, depth) for v in value]
+    if not isinstance(value, dict):
+        return value
+    merged = {}
+    includes = value.get("$include", [])
+    for name in [includes] if isinstance(includes, str) else includes:
+        included = _read_config_file(os.path.join(base, str(name)), depth + 1)
+        if not isinstance(included, dict):
+            raise CaraError("config $include %s is not a JSON5 object" % name)
+        merged = _deep_merge(merged, included)
+    return _deep_merge(merged, {k: _resolve_includes(v, base, depth) for k, v in value.items() if k != "$include"})
+
+
+def _deep_merge(base, over):
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _substitute(value, environ):
+    if isinstance(value, dict):
+        return {k: _substitute(v, environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, environ) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def repl(match):
+        if match.group(1) not in environ:
+            raise CaraError("config references ${%s}, which is not set in the environment cara runs with "
+                            "(cara refuses to load such a config)" % match.group(1))
+        return environ[match.group(1)]
+    return _ENV_REF_RE.sub(repl, value)
+
+
+def load_config(path, environ=None):
+    """The config as cara resolves it (section 2.2): JSON5, `$include` (depth <= 10), the `env` section, then `${VAR}`.
+
+    Returns {} when the file does not exist. Raises CaraError when it does not load (Json5Missing when only the
+    missing json5 module stands in the way: `config_from_cara` can then ask cara itself).
+    """
     if not os.path.exists(path):
         return {}
-    with open(path, "r", encoding="utf-8") as f:
-        text = f.read()
+    if os.path.isdir(path):
+        raise CaraError("config %s is a directory, not a file" % path)
     try:
-        data = json5.loads(text) if json5 is not None else json.loads(text)
-    except Exception as exc:  # json5 raises ValueError and friends; any failure means "does not parse"
-        raise CaraError("config %s does not parse as JSON5: %s" % (path, exc)) from exc
+        data = _read_config_file(path, 0)
+    except UnicodeDecodeError as exc:
+        raise CaraError("config %s is not UTF-8 text: %s" % (path, exc)) from exc
+    except RecursionError as exc:
+        raise CaraError("config %s nests too deeply to read" % path) from exc
     if not isinstance(data, dict):
         raise CaraError("config %s is not a JSON5 object" % path)
-    return data
+    env = dict(os.environ if environ is None else environ)
+    section = data.get("env")
+    for key, value in section.items() if isinstance(section, dict) else ():
+        if key not in LOADER_CONTROL_ENV and key not in env:
+            env[key] = str(value)
+    return _substitute(data, env)
+
+
+def config_from_cara(cli):
+    """The loaded config as `cara config show` prints it (includes and `${VAR}` resolved, secrets redacted by cara).
+
+    For hosts whose Python cannot read JSON5; raises CaraError when cara cannot show it either.
+    """
+    res = cli.run("config", "show", timeout=30)
+    if res["rc"] == 0:
+        try:
+            data = json.loads(res["stdout"])
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            return data
+    said = ((res["stderr"] or "") + (res["stdout"] or "")).strip().splitlines()[:3]
+    raise CaraError("`%s config show` did not print the config (rc %s: %s)" % (cli.binary, res["rc"], " | ".join(said)))
+
+
+def read_config(cli, environ=None):
+    """The host's config for `cli`: read here when this Python can, else asked of cara (`cara config show`).
+
+    Raises CaraError naming which way failed and what to install when neither works.
+    """
+    try:
+        return load_config(cli.config_path, environ)
+    except Json5Missing as exc:
+        if not (os.path.isfile(cli.binary) and os.access(cli.binary, os.X_OK)):
+            raise CaraError("%s; and cara is not installed at %s to read it for us. Install json5 for this Python "
+                            "(Debian: apt-get install python3-json5; or pip install json5)" % (exc, cli.binary)) from exc
+        try:
+            return config_from_cara(cli)
+        except CaraError as asked:
+            raise CaraError("%s; asking cara instead failed too: %s. Install json5 for this Python (Debian: apt-get "
+                            "install python3-json5; or pip install json5), or fix the config" % (exc, asked)) from exc
 
 
 def config_get(cfg, dotted, default=None):
@@ -116,28 +236,138 @@ def gateway_secret(cfg, environ=None):
             or config_get(cfg, "gateway.auth.token") or config_get(cfg, "gateway.auth.password"))
 
 
-def daemon_running(state_dir):
-    """Section 2.3: the daemon lock is held, or daemon.pid names a live process > 1. Returns (bool, detail)."""
+def _lock_held(state_dir):
+    """HEAD's daemon lock: True while a daemon holds `.matrix-rekey.lock.lock`, None when there is no such file."""
     lock = os.path.join(state_dir, DAEMON_LOCK)
-    if os.path.exists(lock):
+    if not os.path.exists(lock):
+        return None, None
+    try:
+        fd = os.open(lock, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        return True, "cannot open %s to check it (%s): assuming the daemon runs" % (lock, exc)
+    try:
+        # A shared, non-blocking probe: fails only while the daemon holds its exclusive lock.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            return True, "daemon lock %s is held" % lock
+        raise
+    finally:
+        os.close(fd)
+    return False, None
+
+
+def _proc_read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _proc_pids():
+    try:
+        return [int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) != os.getpid()]
+    except OSError:
+        return []
+
+
+def daemon_processes(state_dir, proc_pids=_proc_pids, read=_proc_read):
+    """PIDs of `cara` daemons (`cara` or `cara start`) whose environment names this state dir (CARAPACE_STATE_DIR).
+
+    v0.8.0 writes no daemon.pid: the process table is how a daemon that has not bound its port yet is found. Only
+    processes whose environment this user may read are seen (its own, or all as root).
+    """
+    want = os.path.realpath(state_dir)
+    found = []
+    for pid in proc_pids():
+        environ = read("/proc/%d/environ" % pid)
+        if not environ or b"CARAPACE_STATE_DIR=" not in environ:
+            continue
+        argv = [a.decode("utf-8", "replace") for a in (read("/proc/%d/cmdline" % pid) or b"").split(b"\0") if a]
+        # the daemon is `cara` or `cara start`; through an interpreter (the test double) `python3 .../cara start`
+        if not argv or not (argv[-1] == "start" or os.path.basename(argv[-1]).startswith("cara")):
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(b"CARAPACE_STATE_DIR="):
+                value = item.split(b"=", 1)[1].decode("utf-8", "replace")
+                if value and os.path.realpath(value) == want and _alive(pid, read):
+                    found.append(pid)
+    return found
+
+
+def _alive(pid, read=_proc_read):
+    """A live process, not a zombie that only waits to be reaped."""
+    stat = read("/proc/%d/stat" % pid)
+    if stat is None:
+        return pid_alive(pid)
+    return stat.rsplit(b")", 1)[-1].split()[:1] != [b"Z"]
+
+
+def port_listeners(port, proc_pids=_proc_pids, read=_proc_read):
+    """(listening, [pids]) for TCP `port` on this host's network namespace, from /proc/net/tcp{,6} and /proc/*/fd.
+
+    `listening` is True when any socket listens on the port; the PIDs are those whose file descriptors this user
+    may read (the daemon's own user, or all as root).
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in (read(table) or b"").decode("ascii", "replace").splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[-1], 16) == int(port):
+                inodes.add("socket:[%s]" % fields[9])
+    if not inodes:
+        return False, []
+    pids = []
+    for pid in proc_pids():
+        fd_dir = "/proc/%d/fd" % pid
         try:
-            fd = os.open(lock, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError as exc:
-            return True, "cannot open %s to check it (%s): assuming the daemon runs" % (lock, exc)
-        try:
-            # A shared, non-blocking probe: fails only while the daemon holds its exclusive lock.
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                return True, "daemon lock %s is held" % lock
-            raise
-        finally:
-            os.close(fd)
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(os.path.join(fd_dir, fd)) in inodes:
+                    pids.append(pid)
+                    break
+            except OSError:
+                continue
+    return True, pids
+
+
+def find_daemon(state_dir, port=None):
+    """Whether a cara daemon runs on `state_dir`, and how that was found: {"running", "pid", "how", "detail"}.
+
+    In order: HEAD's daemon lock and daemon.pid (section 2.3); then, since v0.8.0 has neither, the process table
+    (a `cara start` whose CARAPACE_STATE_DIR is this state dir) and the gateway port (anything listening there,
+    with its PID when this user can see it). The port test fails closed: whatever holds cara's port counts.
+    """
+    held, detail = _lock_held(state_dir)
+    if held:
+        return {"running": True, "pid": read_pid(state_dir), "how": "lock", "detail": detail}
     pid = read_pid(state_dir)
     if pid and pid > 1 and pid_alive(pid):
-        return True, "daemon.pid names live process %d" % pid
-    return False, "no daemon lock held and no live daemon.pid"
+        return {"running": True, "pid": pid, "how": "pid_file", "detail": "daemon.pid names live process %d" % pid}
+    procs = daemon_processes(state_dir)
+    if procs:
+        return {"running": True, "pid": procs[0], "how": "process",
+                "detail": "process %d runs `cara start` with CARAPACE_STATE_DIR=%s" % (procs[0], state_dir)}
+    if port:
+        listening, pids = port_listeners(port)
+        if listening:
+            return {"running": True, "pid": pids[0] if pids else None, "how": "port",
+                    "detail": "%s listens on the gateway port %d" % ("process %d" % pids[0] if pids else "a process",
+                                                                     int(port))}
+    return {"running": False, "pid": None, "how": None,
+            "detail": "no daemon lock held, no live daemon.pid, no `cara start` on this state dir%s"
+                      % (", nothing listening on port %d" % int(port) if port else "")}
+
+
+def daemon_running(state_dir, port=None):
+    """(running, detail) by `find_daemon`: the guard of backup and restore, for every release."""
+    found = find_daemon(state_dir, port)
+    return found["running"], found["detail"]
 
 
 def read_pid(state_dir):
@@ -233,6 +463,21 @@ class CaraCLI:
         argv = [self.binary] + [str(a) for a in args]
         rc, out, err = self.runner(argv, self.env(), timeout or self.timeout)
         return {"argv": argv, "rc": rc, "stdout": out, "stderr": err}
+
+    def gateway_port(self):
+        """The port cara would use (gateway.port of the resolved config, else 18789); the default when it cannot tell."""
+        try:
+            return gateway_facts(read_config(self, self.env()))["port"]
+        except (CaraError, OSError):
+            return DEFAULT_PORT
+
+    def find_daemon(self):
+        """`find_daemon` for this host's state dir and gateway port."""
+        return find_daemon(self.state_dir, self.gateway_port())
+
+    def daemon_running(self):
+        found = self.find_daemon()
+        return found["running"], found["detail"]
 
     def version(self):
         """The installed version from `cara --version`, or None when it does not answer as cara does."""

@@ -24,7 +24,12 @@ import urllib.request
 
 from ansible_collections.carapace.fleet.plugins.module_utils._cara import DEFAULT_PORT
 
-CHECKS = ("health", "ready", "status", "verify_auto", "verify_autonomy")
+CHECKS = ("health", "ready", "status", "verify", "verify_auto", "verify_autonomy")
+# `cara verify --outcome` values (1.7); `matrix` exists at HEAD only. The policy's gate is auto + autonomy.
+OUTCOMES = ("auto", "local-chat", "hooks", "autonomy", "discord", "telegram", "matrix")
+DEFAULT_OUTCOMES = ("auto", "autonomy")
+# cara waits up to 45 s for a local-chat reply and polls an autonomy task for up to 70 s (1.7).
+DEFAULT_VERIFY_TIMEOUT = 80
 POLLED = ("health", "ready")  # transient while a daemon starts: polled until the deadline
 REDACTED = "********"
 TIMEOUT_RC = 124
@@ -229,6 +234,11 @@ def scrub(value, secrets):
     return value
 
 
+def verify_check(outcome):
+    """The result key of one verify outcome: verify_auto, verify_autonomy, verify_local_chat, ..."""
+    return "verify_" + outcome.replace("-", "_")
+
+
 def _lines(text, limit=20):
     lines = [line.rstrip() for line in (text or "").splitlines() if line.strip()]
     return lines[-limit:]
@@ -243,17 +253,25 @@ class HealthGate:
     skips both `cara verify` checks with that reason (check mode); `control_enabled` False skips the autonomy check.
     """
 
-    def __init__(self, cli, *, host="127.0.0.1", port=DEFAULT_PORT, expected_version=None, checks=CHECKS, timeout=120,
-                 interval=1.0, control_enabled=False, config_path=None, verify_skip_reason=None, request_timeout=5.0,
-                 secrets=(), get=http_get, sleep=time.sleep, clock=time.monotonic):
-        unknown = [c for c in checks if c not in CHECKS]
+    def __init__(self, cli, *, host="127.0.0.1", port=DEFAULT_PORT, expected_version=None,
+                 checks=("health", "ready", "status", "verify"), timeout=120, interval=1.0, control_enabled=False,
+                 config_path=None, verify_skip_reason=None, request_timeout=5.0, secrets=(),
+                 verify_outcomes=DEFAULT_OUTCOMES, verify_timeout=DEFAULT_VERIFY_TIMEOUT, get=http_get,
+                 sleep=time.sleep, clock=time.monotonic):
+        unknown = [c for c in checks if c not in CHECKS] + [o for o in verify_outcomes if o not in OUTCOMES]
         if unknown:
-            raise ValueError("unknown check(s) %s; known: %s" % (", ".join(unknown), ", ".join(CHECKS)))
+            raise ValueError("unknown check(s) or outcome(s) %s; checks: %s; outcomes: %s"
+                             % (", ".join(unknown), ", ".join(CHECKS), ", ".join(OUTCOMES)))
         self.cli = cli
         self.host = host
         self.port = int(port)
         self.expected_version = norm_version(expected_version) if expected_version else None
-        self.checks = [c for c in CHECKS if c in checks]
+        # `verify` runs each of verify_outcomes in turn; verify_auto / verify_autonomy are shorthands for one outcome
+        outcomes = list(verify_outcomes) if "verify" in checks else []
+        outcomes += [o for o in ("auto", "autonomy") if "verify_" + o in checks and o not in outcomes]
+        self.outcomes = {verify_check(o): o for o in outcomes}
+        self.checks = [c for c in ("health", "ready", "status") if c in checks] + list(self.outcomes)
+        self.verify_timeout = verify_timeout
         self.timeout = timeout
         self.interval = interval
         self.control_enabled = control_enabled
@@ -281,6 +299,8 @@ class HealthGate:
             if name not in POLLED and self.deadline.expired():
                 record = self._fail("deadline", "the deadline of %ss passed before this check could start" % self.timeout,
                                     "raise timeout, or find out why the checks before it took so long")
+            elif name in self.outcomes:
+                record = self._check_verify(self.outcomes[name])
             else:
                 record = getattr(self, "_check_" + name)()
             record["duration"] = round(self.deadline.elapsed() - started, 3)
@@ -368,8 +388,9 @@ class HealthGate:
             "read the body's checks: the state dir must be writable by the daemon, the LLM provider reachable and "
             "(v0.9.0+) no channel in Error state; fix that and re-run the gate. %s" % ROLLBACK_HINT, **extra)
 
-    def _set_command_timeout(self):
-        self.cli.timeout = max(MIN_COMMAND_TIMEOUT, self.deadline.remaining())
+    def _set_command_timeout(self, cap=None):
+        remaining = self.deadline.remaining()
+        self.cli.timeout = max(MIN_COMMAND_TIMEOUT, min(remaining, cap) if cap else remaining)
 
     def _check_status(self):
         self._set_command_timeout()
@@ -391,21 +412,19 @@ class HealthGate:
         return self._pass("`cara status` (%s) reports version %s, status %s"
                           % (res.get("format"), version, (res.get("health") or {}).get("status")), **extra)
 
-    def _check_verify_auto(self):
-        return self._verify("auto")
-
-    def _check_verify_autonomy(self):
-        if not self.verify_skip_reason and not self.control_enabled:
-            return {"result": "skip", "outcome": "autonomy",
-                    "detail": "gateway.control.enabled is not true in %s: `cara verify --outcome autonomy` needs the "
-                              "/control routes, which only exist when control is enabled" % (self.config_path or "the config"),
-                    "next_step": "enable gateway.control (and gateway auth) to have autonomy verified"}
-        return self._verify("autonomy")
+    def _check_verify(self, outcome):
+        if outcome != "autonomy" or self.verify_skip_reason or self.control_enabled:
+            return self._verify(outcome)
+        return {"result": "skip", "outcome": "autonomy",
+                "detail": "gateway.control.enabled is not true in %s: `cara verify --outcome autonomy` needs the "
+                          "/control routes, which only exist when control is enabled" % (self.config_path or "the config"),
+                "next_step": "enable gateway.control (and gateway auth) to have autonomy verified"}
 
     def _verify(self, outcome):
         if self.verify_skip_reason:
             return {"result": "skip", "outcome": outcome, "detail": self.verify_skip_reason, "next_step": None}
-        self._set_command_timeout()
+        # its own bounded wait inside the deadline: a local-chat outcome waits on a model call (up to 45 s in cara)
+        self._set_command_timeout(self.verify_timeout)
         res = self.cli.verify(outcome, port=self.port)
         summary = res.get("checks") or []
         extra = {"argv": res["argv"], "rc": res["rc"], "outcome": res.get("outcome") or outcome, "summary": summary,
@@ -420,9 +439,10 @@ class HealthGate:
                               "its result does not speak for the daemon: %s" % (command, self.port, fail_text or said),
                               "check that the daemon is still running (it answered /health earlier in this gate)", **extra)
         if res["rc"] == TIMEOUT_RC:
-            return self._fail("deadline", "`%s` did not finish before the deadline: %s" % (command, fail_text or said),
-                              "raise timeout (autonomy alone may take up to 70 s), or find out what the outcome waits for",
-                              **extra)
+            return self._fail("deadline", "`%s` did not finish within %.0fs (verify_timeout %ss, or the gate's deadline): %s"
+                              % (command, self.cli.timeout, self.verify_timeout, fail_text or said),
+                              "raise verify_timeout or timeout (cara waits up to 45 s for a local-chat model reply and up "
+                              "to 70 s for an autonomy task), or find out why the model or agent is slow", **extra)
         if res["rc"] != 0 or not res.get("passed"):
             detail = "`%s` failed (exit %s)" % (command, res["rc"])
             if fail_text:

@@ -199,7 +199,7 @@ def gather(bin_path, state_dir, config_path=None, install_root="/opt/carapace", 
     facts["config_exists"] = os.path.isfile(cli.config_path)
     facts["config"], facts["config_error"], facts["gateway"] = None, None, None
     try:
-        cfg = _cara.load_config(cli.config_path)
+        cfg = _cara.read_config(cli, cli.env())
     except _cara.CaraError as exc:
         facts["config_error"] = str(exc)
     except (OSError, UnicodeDecodeError) as exc:
@@ -211,10 +211,9 @@ def gather(bin_path, state_dir, config_path=None, install_root="/opt/carapace", 
     facts["state_dir"] = state_dir
     facts["state_dir_exists"] = os.path.isdir(state_dir)
     try:
-        running, detail = _cara.daemon_running(state_dir)
+        facts["daemon"] = _cara.find_daemon(state_dir, (facts["gateway"] or {}).get("port", _cara.DEFAULT_PORT))
     except OSError as exc:
-        running, detail = None, "cannot tell: %s" % exc
-    facts["daemon"] = {"running": running, "detail": detail, "pid": _cara.read_pid(state_dir)}
+        facts["daemon"] = {"running": None, "pid": None, "how": None, "detail": "cannot tell: %s" % exc}
 
     updates = os.path.join(state_dir, "updates")
     for key, name in (("transaction", "transaction.json"), ("rollback_marker", "rollback.json"),

@@ -20,8 +20,9 @@ description:
     O(backup_dir) is refused.
   - Keeps the newest O(retention) backups; older archives, their snapshots and their index entries are removed.
   - Requires the daemon to be stopped. Carapace's unreleased HEAD refuses a backup while its daemon runs; released
-    v0.8.0 has no such guard, so this module enforces it for every release (daemon lock held or live C(daemon.pid),
-    cara-contract section 2.3).
+    v0.8.0 has no such guard, so this module enforces it for every release. Running means the daemon lock is held
+    or C(daemon.pid) is live (cara-contract section 2.3, v0.9.0+), or, since v0.8.0 writes neither, a C(cara start)
+    process runs with this state dir or something listens on the gateway port.
   - With O(include_state_snapshot), also writes C(carapace-state-<tag>-<UTC>.tar.gz), a full snapshot of O(state_dir),
     recorded in the same index entry. C(cara backup) leaves out C(credentials/), C(auth_profiles.json), C(matrix/),
     device and pairing files and more; the snapshot holds them so a rollback can put the state dir back byte for

@@ -18,9 +18,9 @@ description:
   - V(ready) polls C(GET /health/ready) until it answers 200 (503 means not ready; its body says why).
   - V(status) runs C(cara status --port <port> --host <host>), with C(--json) where the installed release has it
     (v0.9.0+) and the text output otherwise (v0.8.0), and checks the version it reports.
-  - V(verify_auto) runs C(cara verify --outcome auto --port <port>); V(verify_autonomy) runs
-    C(cara verify --outcome autonomy --port <port>), but only when the config enables C(gateway.control) (the
-    C(/control) routes it needs exist only then); otherwise it is skipped and the result says why.
+  - V(verify) runs C(cara verify --outcome <o> --port <port>) for each outcome of O(verify_outcomes) (by default
+    V(auto), then V(autonomy)), each bounded by O(verify_timeout); the V(autonomy) outcome runs only when the config
+    enables C(gateway.control) (the C(/control) routes it needs exist only then); otherwise it is skipped, saying why.
   - "The PASS/FAIL/SKIP lines of C(cara verify) are returned as structured results. A failing check fails the task with
     that check's own text (cara's FAIL line, its C(next step:) hint, cara's error output) and the operator's next step."
   - V(health) and V(ready) are polled, since a daemon that has just started needs a moment; C(cara status) and
@@ -32,7 +32,7 @@ attributes:
   check_mode:
     support: full
     description:
-      - Runs V(health), V(ready) and V(status), which only read. Skips V(verify_auto) and V(verify_autonomy) and says so
+      - Runs V(health), V(ready) and V(status), which only read. Skips every C(cara verify) outcome and says so
         in RV(skipped), since C(cara verify) leaves traces in the daemon's state (a control task in
         C(tasks/queue.json), a chat session and usage counters, or a C(/hooks/wake) call that wakes the agent).
   diff_mode:
@@ -71,11 +71,30 @@ options:
       - When unset, any version passes.
     type: str
   checks:
-    description: The checks to run; they always run in the order listed under O(checks)'s default.
+    description:
+      - The checks to run; they always run in this order. V(verify) runs C(cara verify --outcome <o>) for each
+        outcome of O(verify_outcomes), in turn.
+      - V(verify_auto) and V(verify_autonomy) are shorthands for V(verify) with only that outcome.
     type: list
     elements: str
-    choices: [health, ready, status, verify_auto, verify_autonomy]
-    default: [health, ready, status, verify_auto, verify_autonomy]
+    choices: [health, ready, status, verify, verify_auto, verify_autonomy]
+    default: [health, ready, status, verify]
+  verify_outcomes:
+    description:
+      - The C(cara verify) outcomes V(verify) runs. The release policy asks for V(auto) and V(autonomy).
+      - V(auto) is usually V(local-chat) (cara picks it from the config, section 1.7), a round trip through the LLM
+        provider - it costs a model call and fails when the provider is slow or down.
+      - Each outcome's result is returned under C(checks.verify_<outcome>) (V(local-chat) as C(verify_local_chat)).
+    type: list
+    elements: str
+    choices: [auto, local-chat, hooks, autonomy, discord, telegram, matrix]
+    default: [auto, autonomy]
+  verify_timeout:
+    description:
+      - Seconds one C(cara verify) may take, inside the one deadline O(timeout). cara itself waits up to 45 s for a
+        local-chat model reply and up to 70 s for an autonomy task.
+    type: int
+    default: 80
   timeout:
     description:
       - Seconds for all checks together (one deadline), counted from the start of the task.
@@ -152,7 +171,8 @@ port:
   type: int
 checks:
   description:
-    - One entry per selected check, keyed by name (V(health), V(ready), V(status), V(verify_auto), V(verify_autonomy)).
+    - One entry per selected check, keyed by name (V(health), V(ready), V(status), then C(verify_<outcome>) per verify
+      outcome, for example V(verify_auto), V(verify_autonomy), V(verify_local_chat)).
     - Every entry has C(result) (V(pass), V(fail), V(skip) or V(not_run) after an earlier failure), C(detail) and
       C(duration) (seconds); a failed one also C(cause) and C(next_step).
     - V(health) and V(ready) add C(url), C(status_code), C(body) and C(attempts); V(health) adds C(version).
@@ -193,7 +213,8 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _cara
-from ansible_collections.carapace.fleet.plugins.module_utils._health import CHECKS, HealthGate, bounded_runner
+from ansible_collections.carapace.fleet.plugins.module_utils._health import (CHECKS, DEFAULT_OUTCOMES, DEFAULT_VERIFY_TIMEOUT,
+                                                                             OUTCOMES, HealthGate, bounded_runner)
 
 CHECK_MODE_REASON = ("check mode: `cara verify` is not run, since it leaves traces in the daemon's state (a control task, "
                      "a chat session and usage counters, or a /hooks/wake call)")
@@ -208,7 +229,9 @@ def main():
             port=dict(type="int"),
             host=dict(type="str", default="127.0.0.1"),
             expected_version=dict(type="str"),
-            checks=dict(type="list", elements="str", choices=list(CHECKS), default=list(CHECKS)),
+            checks=dict(type="list", elements="str", choices=list(CHECKS), default=["health", "ready", "status", "verify"]),
+            verify_outcomes=dict(type="list", elements="str", choices=list(OUTCOMES), default=list(DEFAULT_OUTCOMES)),
+            verify_timeout=dict(type="int", default=DEFAULT_VERIFY_TIMEOUT),
             timeout=dict(type="int", default=120),
             interval=dict(type="float", default=1.0),
             gateway_token=dict(type="str", no_log=True),
@@ -216,8 +239,8 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
-    if p["timeout"] <= 0 or p["interval"] <= 0:
-        module.fail_json(msg="timeout and interval must be positive", cause="bad_argument")
+    if p["timeout"] <= 0 or p["interval"] <= 0 or p["verify_timeout"] <= 0:
+        module.fail_json(msg="timeout, interval and verify_timeout must be positive", cause="bad_argument")
     if p["port"] is not None and not 1 <= p["port"] <= 65535:
         module.fail_json(msg="port %s is not a TCP port (1-65535)" % p["port"], cause="bad_argument")
     if not p["checks"]:
@@ -227,26 +250,26 @@ def main():
                          cause="bad_argument")
 
     config_file = _cara.config_path(p["state_dir"], p["config_path"])
+    extra_env = {"CARAPACE_GATEWAY_TOKEN": p["gateway_token"]} if p["gateway_token"] else {}
+    cli = _cara.CaraCLI(p["bin_path"], p["state_dir"], config=config_file, runner=bounded_runner, extra_env=extra_env,
+                        timeout=p["timeout"])
     try:
-        cfg = _cara.load_config(config_file)
+        cfg = _cara.read_config(cli, cli.env())
     except _cara.CaraError as exc:
         module.fail_json(msg="%s. cara itself would fall back to an empty config or refuse to start; fix the file "
                          "(or pass config_path) and re-run the gate." % exc, cause="config")
     facts = _cara.gateway_facts(cfg)
     port = p["port"] or facts["port"]
 
-    if {"status", "verify_auto", "verify_autonomy"} & set(p["checks"]) and not os.access(p["bin_path"], os.X_OK):
+    if {"status", "verify", "verify_auto", "verify_autonomy"} & set(p["checks"]) and not os.access(p["bin_path"], os.X_OK):
         module.fail_json(msg="%s is not an executable cara binary, so `cara status` and `cara verify` cannot run. Install "
                          "a release with carapace.fleet.cara_switch, or set bin_path." % p["bin_path"], cause="not_installed")
 
-    extra_env = {"CARAPACE_GATEWAY_TOKEN": p["gateway_token"]} if p["gateway_token"] else {}
-    cli = _cara.CaraCLI(p["bin_path"], p["state_dir"], config=config_file, runner=bounded_runner, extra_env=extra_env,
-                        timeout=p["timeout"])
     secrets = [p["gateway_token"], _cara.gateway_secret(cfg, environ={})]
     gate = HealthGate(cli, host=p["host"], port=port, expected_version=p["expected_version"], checks=p["checks"],
                       timeout=p["timeout"], interval=p["interval"], control_enabled=facts["control_enabled"],
                       config_path=config_file, verify_skip_reason=CHECK_MODE_REASON if module.check_mode else None,
-                      secrets=secrets)
+                      secrets=secrets, verify_outcomes=p["verify_outcomes"], verify_timeout=p["verify_timeout"])
     result = gate.run()
     msg = result.pop("msg")
     if not result["passed"]:

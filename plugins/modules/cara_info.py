@@ -17,8 +17,9 @@ description:
   - The config file (JSON5) with every secret redacted, and its gateway facts (port, bind, control routes, auth mode).
     Tokens, passwords, keys and every value of the top-level C(env) map are replaced by C(********); any other string
     that contains one of those secrets is redacted too.
-  - Whether the daemon runs, as C(cara) itself decides it (cara-contract section 2.3) - the daemon lock
-    C(.matrix-rekey.lock.lock) in O(state_dir) is held, or C(daemon.pid) names a live process.
+  - Whether the daemon runs - the daemon lock C(.matrix-rekey.lock.lock) in O(state_dir) is held, or C(daemon.pid)
+    names a live process (cara-contract section 2.3, v0.9.0+); v0.8.0 writes neither, so also a C(cara start) process
+    with this state dir, or anything listening on the gateway port.
   - C(cara)'s update markers in C(<state_dir>/updates/) (C(transaction.json), C(rollback.json),
     C(startup_health_failure.json)), the releases kept under O(install_root)C(/releases/<tag>/cara) and the backups
     recorded by M(carapace.fleet.cara_backup).
@@ -179,18 +180,25 @@ state_dir_exists:
   returned: always
   type: bool
 daemon:
-  description: Whether the daemon runs (section 2.3).
+  description:
+    - Whether the daemon runs. v0.9.0+ (HEAD) holds a daemon lock and writes C(daemon.pid) (section 2.3); v0.8.0 has
+      neither, so the process table and the gateway port are read as well.
   returned: always
   type: dict
   contains:
     running:
-      description: The daemon lock is held or C(daemon.pid) names a live process.
+      description:
+        - The daemon lock is held, C(daemon.pid) names a live process, a C(cara start) process runs with this
+          state dir as E(CARAPACE_STATE_DIR), or something listens on the gateway port.
       type: bool
+    how:
+      description: Which of those found it, V(lock), V(pid_file), V(process) or V(port); V(null) when not running.
+      type: str
     detail:
-      description: Which of the two, in words.
+      description: The same, in words.
       type: str
     pid:
-      description: The PID in C(daemon.pid), if any (may be stale when RV(daemon.running) is false).
+      description: The daemon's PID when known (the port holder's PID is only visible to its own user and root).
       type: int
 transaction:
   description: C(<state_dir>/updates/transaction.json) as parsed, V(null) when absent or corrupt.

@@ -16,8 +16,9 @@ description:
     one, and every member must be safe (relative path, no C(..), no absolute path, no link pointing outside, no
     device or fifo) with the C(.carapace-backup) marker present. An archive that is not indexed or that changed is
     refused, with the cause and the next step.
-  - Requires the daemon to be stopped (daemon lock held or live C(daemon.pid), cara-contract section 2.3), for every
-    release - v0.8.0's C(cara restore) has no guard of its own.
+  - Requires the daemon to be stopped, for every release - v0.8.0's C(cara restore) has no guard of its own. Running
+    means the daemon lock is held or C(daemon.pid) is live (section 2.3, v0.9.0+), or, since v0.8.0 writes neither,
+    a C(cara start) process runs with this state dir or something listens on the gateway port.
   - Runs C(cara restore <archive> --force). The path is positional and C(--force) is needed - the runbook's
     C(cara restore --path ...) is not valid syntax and C(cara restore) without C(--force) restores nothing. C(cara)
     merges - files in the archive are rewritten, others are left alone.

@@ -141,3 +141,97 @@ def test_cli_status_falls_back_to_text_on_v080(tmp_path):
     res = _cara.CaraCLI(str(fake), str(tmp_path)).status(port=1234)
     assert res["format"] == "text" and res["health"] == {"version": "0.8.0", "status": "ok"}
     assert res["argv"][-2:] == ["--port", "1234"]
+
+
+# -- v0.8.0 writes no daemon.pid and holds no lock: the process table and the gateway port (cara-contract 10) --------
+
+def _fake_daemon(tmp_path, state_dir, argv_tail=("start",), env_state=True):
+    """A real process that looks like `cara start` (argv) with CARAPACE_STATE_DIR set, listening on a loopback port."""
+    script = tmp_path / "cara"
+    script.write_text("import socket,sys,time\ns=socket.socket()\ns.bind(('127.0.0.1',0))\ns.listen()\n"
+                      "print(s.getsockname()[1],flush=True)\ntime.sleep(60)\n")
+    env = dict(os.environ)
+    if env_state:
+        env["CARAPACE_STATE_DIR"] = str(state_dir)
+    proc = subprocess.Popen([sys.executable, str(script)] + list(argv_tail), env=env,  # pylint: disable=consider-using-with
+                            stdout=subprocess.PIPE, text=True)
+    port = int(proc.stdout.readline())
+    return proc, port
+
+
+def test_find_daemon_without_pid_file_by_process_and_by_port(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    proc, port = _fake_daemon(tmp_path, state)
+    try:
+        found = _cara.find_daemon(str(state), port)
+        assert found["running"] is True and found["how"] == "process" and found["pid"] == proc.pid
+        assert _cara.daemon_running(str(state))[0] is True  # no port needed for the process table
+        other = tmp_path / "other"
+        other.mkdir()
+        # another state dir: not this daemon by its environment, but whatever holds the gateway port counts
+        by_port = _cara.find_daemon(str(other), port)
+        assert by_port["running"] is True and by_port["how"] == "port" and by_port["pid"] == proc.pid
+        assert _cara.find_daemon(str(other), None)["running"] is False
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    gone = _cara.find_daemon(str(state), port)
+    assert gone["running"] is False and gone["pid"] is None and "nothing listening on port %d" % port in gone["detail"]
+
+
+def test_find_daemon_ignores_other_cara_commands(tmp_path):
+    """A `cara status` or `cara backup` with the same state dir is not the daemon."""
+    state = tmp_path / "state"
+    state.mkdir()
+    proc, _port = _fake_daemon(tmp_path, state, argv_tail=("status",))
+    try:
+        assert _cara.daemon_processes(str(state)) == []
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+# -- config as cara resolves it ($include, env section, ${VAR}; section 2.2) -------------------------------------------
+
+def test_load_config_resolves_includes_env_section_and_variables(tmp_path):
+    (tmp_path / "gateway.json5").write_text("{ gateway: { port: 1111, control: { enabled: false } } }")
+    cfg_file = tmp_path / "carapace.json5"
+    cfg_file.write_text("// comment\n{ $include: 'gateway.json5', env: { PORT_FROM_CFG: 'x' },\n"
+                        "  gateway: { control: { enabled: true }, auth: { token: '${GW_TOKEN}' } } }")
+    cfg = _cara.load_config(str(cfg_file), environ={"GW_TOKEN": "s3cret"})
+    assert _cara.gateway_facts(cfg)["port"] == 1111  # from the included file
+    assert _cara.gateway_facts(cfg)["control_enabled"] is True  # local keys win over included ones
+    assert cfg["gateway"]["auth"]["token"] == "s3cret"
+    with pytest.raises(_cara.CaraError, match=r"\$\{GW_TOKEN\}"):
+        _cara.load_config(str(cfg_file), environ={})
+
+
+def test_load_config_rejects_a_directory_and_non_utf8(tmp_path):
+    (tmp_path / "dir.json5").mkdir()
+    with pytest.raises(_cara.CaraError, match="is a directory"):
+        _cara.load_config(str(tmp_path / "dir.json5"))
+    (tmp_path / "bad.json5").write_bytes(b"{ a: '\xff' }")
+    with pytest.raises(_cara.CaraError, match="not UTF-8"):
+        _cara.load_config(str(tmp_path / "bad.json5"))
+
+
+def test_read_config_without_json5_asks_cara(tmp_path, monkeypatch):
+    """A host whose Python lacks json5 must not call a valid JSON5 config unparseable: cara shows it instead."""
+    cfg_file = tmp_path / "carapace.json5"
+    cfg_file.write_text("{ gateway: { port: 2222 } }  // JSON5, not JSON")
+    monkeypatch.setattr(_cara, "json5", None)
+    fake = tmp_path / "cara"
+    fake.write_text("#!/bin/sh\n[ \"$1 $2\" = 'config show' ] && { echo '{\"gateway\": {\"port\": 2222}}'; exit 0; }\nexit 1\n")
+    fake.chmod(0o755)
+    cli = _cara.CaraCLI(str(fake), str(tmp_path), str(cfg_file))
+    assert _cara.gateway_facts(_cara.read_config(cli))["port"] == 2222
+    fake.write_text("#!/bin/sh\necho 'Error: boom' >&2\nexit 1\n")
+    with pytest.raises(_cara.CaraError) as info:
+        _cara.read_config(cli)
+    assert "no json5 module" in str(info.value) and "config show" in str(info.value) and "python3-json5" in str(info.value)
+    # plain JSON needs no json5 at all
+    cfg_file.write_text('{"gateway": {"port": 3333}}')
+    assert _cara.gateway_facts(_cara.read_config(cli))["port"] == 3333
