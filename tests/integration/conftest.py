@@ -17,6 +17,13 @@ if str(SUPPORT) not in sys.path:
     sys.path.insert(0, str(SUPPORT))
 
 from cara_double import build_release, default_flavor  # noqa: E402
+from fixtures import fake_llm, llm  # noqa: E402,F401  pylint: disable=unused-import
+
+# Variables a host's environment never inherits from the test runner: cara's own, the provider keys (spec 10), and
+# the double's test-only switches.
+PROVIDER_ENV = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GOOGLE_API_KEY", "VENICE_API_KEY", "NEARAI_API_KEY",
+                "OLLAMA_BASE_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "VERTEX_PROJECT_ID", "CLAUDE_CLI_ENABLED")
 
 # One release per flavor, named like the tags that behave that way (spec section 10).
 FLAVOR_VERSIONS = {"head": "0.9.0", "v0.8.0": "0.8.0"}
@@ -60,11 +67,13 @@ class CaraHost:
 
     free_port = staticmethod(free_port)
     wait_for = staticmethod(wait_for)
+    http_get = staticmethod(http_get)
 
-    def __init__(self, root, binary, port, config):
+    def __init__(self, root, binary, port, config, llm_url=None):
         self.root = Path(root)
         self.binary = Path(binary)
         self.port = port
+        self.llm_url = llm_url
         self.state = self.root / "state"
         self.home = self.root / "home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -74,11 +83,15 @@ class CaraHost:
             self.write_config(config)
 
     def write_config(self, config):
+        """Write carapace.json5; the host's LLM provider (llm_url) is added unless the config names providers."""
         self.state.mkdir(parents=True, exist_ok=True)
+        if self.llm_url and isinstance(config, dict) and "providers" not in config:
+            config = dict(config, providers={"ollama": {"baseUrl": self.llm_url}})
         self.config_file.write_text("// test config\n" + json.dumps(config, indent=2) + "\n")
 
     def env(self, **extra):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CARAPACE_") and k != "XDG_CONFIG_HOME"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CARAPACE_", "CARA_DOUBLE_"))
+               and k != "XDG_CONFIG_HOME" and k not in PROVIDER_ENV}
         # The release's `#!/usr/bin/env python3` must find the interpreter that has json5.
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         env.update(HOME=str(self.home), CARAPACE_STATE_DIR=str(self.state))
@@ -146,18 +159,25 @@ class CaraHosts:
     wait_for = staticmethod(wait_for)
     http_get = staticmethod(http_get)
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, llm_url=None):
         self.tmp_path = tmp_path
+        self.llm_url = llm_url
         self.hosts = []
 
-    def __call__(self, version="0.9.0", *, flavor=None, faults=None, config="default", name=None, binary=None):
-        """A host with a fresh release (or `binary`); the default config sets gateway.port to a free port."""
+    def __call__(self, version="0.9.0", *, flavor=None, faults=None, config="default", name=None, binary=None,
+                 llm=None):
+        """A host with a fresh release (or `binary`); the default config sets gateway.port to a free port.
+        llm: None = the session's fake LLM as its provider, a URL = that Ollama base URL, False = no provider
+        (cara then refuses to start, spec 10)."""
         name = name or "host%d" % len(self.hosts)
         port = free_port()
         if config == "default":
             config = {"gateway": {"port": port}}
         binary = binary or self.release(version, name, flavor=flavor, faults=faults)
-        host = CaraHost(self.tmp_path / name, binary, port, config)
+        llm_url = self.llm_url if llm is None else (llm or None)
+        host = CaraHost(self.tmp_path / name, binary, port, None, llm_url=llm_url)
+        if config is not None:
+            host.write_config(config)
         host.version = version.lstrip("v")
         host.flavor = flavor or default_flavor(version)
         self.hosts.append(host)
@@ -172,9 +192,10 @@ class CaraHosts:
 
 
 @pytest.fixture
-def cara_hosts(tmp_path):
-    """Factory of hosts running releases of the `cara` double; every daemon is killed at teardown."""
-    hosts = CaraHosts(tmp_path)
+def cara_hosts(tmp_path, llm):
+    """Factory of hosts running releases of the `cara` double; every daemon is killed at teardown. Every host's
+    config names the session's fake LLM (fixture `llm`) as its Ollama provider unless built with llm=False."""
+    hosts = CaraHosts(tmp_path, llm_url=llm.base_url)
     yield hosts
     hosts.kill_all()
 

@@ -51,7 +51,8 @@ def test_build_release_is_reproducible(tmp_path):
 
 @pytest.mark.parametrize("kwargs", [{"flavor": "v0.7.0"}, {"faults": {"no_such_fault": 1}},
                                     {"faults": {"start_fail_ms": "10"}}, {"faults": {"ready_never": 1}},
-                                    {"faults": {"migrate_state": 1}}])
+                                    {"faults": {"migrate_state": 1}}, {"faults": {"migrate_state": False}},
+                                    {"faults": {"stop_delay_s": 12.5}}, {"faults": {"stop_delay_s": "1"}}])
 def test_build_release_rejects_bad_switches(tmp_path, kwargs):
     with pytest.raises(ValueError):
         build_release("0.9.0", tmp_path / "cara", **kwargs)
@@ -106,20 +107,26 @@ def test_flavor_specific_subcommands(host):
 # -- daemon lifecycle (spec 1.2, 2.3) ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [[], ["start"]])
-def test_start_writes_pid_holds_lock_and_exits_0_on_sigterm(host, args):
+def test_start_pid_file_and_lock_are_head_only_and_sigterm_exits_0(host, args):
+    """HEAD's DaemonPidGuard writes daemon.pid and holds the lock; v0.8.0 has neither (spec 1.2 step 6, 10)."""
     proc = host.start(*args)
-    assert (host.state / "daemon.pid").read_text() == "%d\n" % proc.pid
-    with open(host.state / ".matrix-rekey.lock.lock", "r+") as handle:
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock = host.state / ".matrix-rekey.lock.lock"
+    if host.flavor == "head":
+        assert (host.state / "daemon.pid").read_text() == "%d\n" % proc.pid
+        with open(lock, "r+") as handle:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:
+        assert not (host.state / "daemon.pid").exists() and not lock.exists()
     assert stat.S_IMODE(host.state.stat().st_mode) == 0o700
     for name in SUBDIRS:
         assert stat.S_IMODE((host.state / name).stat().st_mode) == 0o700, name
     assert host.stop(proc) == 0
     assert not (host.state / "daemon.pid").exists()
     assert host.get("/health") is None
-    with open(host.state / ".matrix-rekey.lock.lock", "r+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if host.flavor == "head":
+        with open(lock, "r+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_sigint_also_stops_cleanly(host):
@@ -144,13 +151,20 @@ def test_dev_mode_logs_plaintext(any_host):
     assert " INFO carapace: Listening on 127.0.0.1:%d" % host.port in host.stdout(proc)
 
 
-def test_second_daemon_on_same_state_dir_fails(host):
+def test_second_daemon_on_same_state_dir(host):
+    """HEAD: the daemon lock refuses a second daemon; v0.8.0 has no lock and runs both (spec 10)."""
     first = host.start()
-    host.write_config({"gateway": {"port": host.free_port()}})
-    second = host.run("start")
-    assert second.returncode == 1
-    assert "is already held — another carapace daemon is running" in second.stderr
-    assert (host.state / "daemon.pid").read_text() == "%d\n" % first.pid
+    port = host.free_port()
+    host.write_config({"gateway": {"port": port}})
+    if host.flavor == "head":
+        second = host.run("start")
+        assert second.returncode == 1
+        assert "is already held — another carapace daemon is running" in second.stderr
+        assert (host.state / "daemon.pid").read_text() == "%d\n" % first.pid
+    else:
+        second = host.start(port=port)
+        assert host.get("/health")[0] == 200 and host.http_get(port, "/health")[0] == 200
+        assert host.stop(second) == 0 and host.stop(first) == 0
 
 
 def test_refuses_state_dir_owned_by_another_user(host):
@@ -218,11 +232,16 @@ def test_bind_literal_with_port(any_host):
 
 # -- config resolution (spec 2.2) -------------------------------------------------------------------------------
 
+def provider(host):
+    """The config section naming the host's LLM provider (a config written by hand needs one, spec 10)."""
+    return {"providers": {"ollama": {"baseUrl": host.llm_url}}}
+
+
 def test_config_path_prefers_json5_then_json(any_host):
     host = any_host
     host.config_file.unlink()
     assert host.run("config", "path").stdout == "%s\n" % (host.state / "carapace.json")
-    (host.state / "carapace.json").write_text(json.dumps({"gateway": {"port": host.port}}))
+    (host.state / "carapace.json").write_text(json.dumps({"gateway": {"port": host.port}, **provider(host)}))
     proc = host.start()
     assert host.stop(proc) == 0
     host.write_config({"gateway": {"port": host.port}})
@@ -233,7 +252,7 @@ def test_config_path_env_wins(any_host, tmp_path):
     host = any_host
     custom = tmp_path / "custom.json5"
     port = host.free_port()
-    custom.write_text("{gateway: {port: %d}, // comment\n}" % port)
+    custom.write_text("{gateway: {port: %d}, // comment\n providers: %s}" % (port, json.dumps(provider(host)["providers"])))
     env = host.env(CARAPACE_CONFIG_PATH=str(custom))
     assert host.run("config", "path", env=env).stdout == "%s\n" % custom
     proc = host.start(env=env, port=port)
@@ -245,7 +264,7 @@ def test_default_state_dir_is_xdg_config_home(any_host, tmp_path):
     xdg = tmp_path / "xdg"
     (xdg / "carapace").mkdir(parents=True)
     port = host.free_port()
-    (xdg / "carapace" / "carapace.json5").write_text("{gateway: {port: %d}}" % port)
+    (xdg / "carapace" / "carapace.json5").write_text(json.dumps({"gateway": {"port": port}, **provider(host)}))
     env = host.env(CARAPACE_STATE_DIR=None, XDG_CONFIG_HOME=str(xdg))
     proc = host.start(env=env, port=port)
     assert (xdg / "carapace" / "daemon.pid").read_text() == "%d\n" % proc.pid
@@ -257,7 +276,7 @@ def test_default_state_dir_is_home_dot_config(any_host):
     port = host.free_port()
     base = host.home / ".config" / "carapace"
     base.mkdir(parents=True)
-    (base / "carapace.json").write_text(json.dumps({"gateway": {"port": port}}))
+    (base / "carapace.json").write_text(json.dumps({"gateway": {"port": port}, **provider(host)}))
     proc = host.start(env=host.env(CARAPACE_STATE_DIR=None), port=port)
     assert (base / "daemon.pid").exists() and host.stop(proc) == 0
 
@@ -374,7 +393,9 @@ def test_control_tasks_lifecycle_persists_queue(host):
     listed = json.loads(host.get("/control/tasks", headers=auth)[2])["tasks"]
     assert [t["id"] for t in listed] == [task["id"]]
     queue = json.loads((host.state / "tasks" / "queue.json").read_text())
-    assert queue["schemaVersion"] == 1 and queue["tasks"][0]["state"] == "done"
+    assert isinstance(queue, list) and queue[0]["state"] == "done" and queue[0]["attempts"] == 1
+    assert list(queue[0]) == ["id", "state", "attempts", "nextRunAtMs", "lastError", "payload", "createdAtMs",
+                              "updatedAtMs", "policy", "policyExplicit"]
     assert host.get("/control/tasks/nope", headers=auth)[0] == 404
 
 
@@ -385,21 +406,140 @@ def test_hooks_wake_route(host):
     assert host.get("/hooks/wake", method="POST", body={"text": "x"}, headers={"Authorization": "Bearer hk"})[0] == 200
 
 
-def test_state_files_created_at_first_start(host):
+def test_start_creates_no_task_or_cron_file(host):
+    """A missing tasks/queue.json or cron/jobs.json is an empty list; a start writes neither (src/tasks/mod.rs)."""
     proc = host.start()
     host.stop(proc)
-    assert json.loads((host.state / "tasks" / "queue.json").read_text()) == {"schemaVersion": 1, "tasks": []}
-    assert json.loads((host.state / "cron" / "jobs.json").read_text()) == {"version": 1, "jobs": []}
+    assert not (host.state / "tasks" / "queue.json").exists() and not (host.state / "cron" / "jobs.json").exists()
     assert json.loads((host.state / "usage.json").read_text())["totals"]["requests"] == 0
 
 
-def test_corrupt_state_fails_closed(host):
+def write_queue(host, tasks):
+    (host.state / "tasks").mkdir(parents=True, exist_ok=True)
+    (host.state / "tasks" / "queue.json").write_text(json.dumps(tasks, indent=2) + "\n")
+
+
+def durable_task(task_id, state="done", **extra):
+    return dict({"id": task_id, "state": state, "attempts": 1, "nextRunAtMs": None, "lastError": None,
+                 "payload": {"kind": "agentTurn", "message": "hello"}, "createdAtMs": 1, "updatedAtMs": 2,
+                 "policy": {"maxAttempts": 3, "maxTotalRuntimeMs": 60000, "maxTurns": 1, "maxRunTimeoutSeconds": 30}},
+                **extra)
+
+
+def test_bare_array_queue_is_read_and_left_alone(host):
+    """A queue of finished tasks in the real format is loaded as is and not rewritten by a start."""
+    host.write_config(control_config(host.port, token="t"))
+    write_queue(host, [durable_task("a"), durable_task("b", state="failed", lastError="boom")])
+    before = (host.state / "tasks" / "queue.json").read_bytes()
+    proc = host.start()
+    listed = json.loads(host.get("/control/tasks", headers={"Authorization": "Bearer t"})[2])["tasks"]
+    assert [(t["id"], t["state"]) for t in listed] == [("a", "done"), ("b", "failed")]
+    host.stop(proc)
+    assert (host.state / "tasks" / "queue.json").read_bytes() == before
+
+
+def test_running_task_is_recovered_and_unknown_keys_dropped(host, llm):
+    """`running` at load becomes retry_wait ("recovered after restart") and is run again; serde drops unknown keys."""
+    host.write_config(control_config(host.port, token="t"))
+    write_queue(host, [durable_task("r", state="running", futureField={"x": 1})])
+    calls = llm.chat_requests
+    host.start()
+
+    def done():
+        queue = json.loads((host.state / "tasks" / "queue.json").read_text())
+        return queue if queue[0]["state"] == "done" else None
+    queue = host.wait_for(done, what="the recovered task to run")
+    assert queue[0]["attempts"] == 2 and "futureField" not in queue[0]
+    assert llm.chat_requests > calls
+
+
+@pytest.mark.parametrize("content, error", [
+    ("{not json", "key must be a string"),
+    ('{"schemaVersion": 1, "tasks": []}', "invalid type: map, expected a sequence"),
+    (json.dumps([durable_task("x", state="paused")]), "unknown variant `paused`, expected one of `queued`"),
+    (json.dumps([durable_task("x", attempts={"count": 1})]), "invalid type: map, expected u32"),
+    (json.dumps([{"id": "x", "state": "done"}]), "missing field `attempts`"),
+])
+def test_unparsable_queue_stops_startup(host, content, error):
+    """v0.8.0 src/tasks/mod.rs load + ws/mod.rs: the start fails with the parse error; a copy is kept."""
+    write_queue(host, [])
+    (host.state / "tasks" / "queue.json").write_text(content)
+    result = host.run("start")
+    queue = host.state / "tasks" / "queue.json"
+    assert result.returncode == 1
+    assert result.stderr.startswith('Error: Runtime("failed to parse current task queue file %s; persisted tasks were '
+                                    'not loaded: ' % queue)
+    assert error in result.stderr
+    copies = sorted(queue.parent.glob("queue.json.corrupt.*"))
+    assert len(copies) == 1 and copies[0].read_text() == content
+    assert re.fullmatch(r"queue\.json\.corrupt\.\d+\.0", copies[0].name)
+    assert result.stderr.endswith(". A copy was written to %s. Remove or repair the file before restarting\")\n" % copies[0])
+    assert queue.read_text() == content and host.get("/health") is None
+    assert not (host.state / "daemon.pid").exists()
+
+
+def test_unreadable_cron_file_is_logged_and_ignored(host):
+    (host.state / "cron").mkdir(parents=True, exist_ok=True)
+    (host.state / "cron" / "jobs.json").write_text('{"version": 1, "jobs": []}')
     proc = host.start()
     host.stop(proc)
-    (host.state / "tasks" / "queue.json").write_text("{not json")
+    assert "failed to load cron jobs" in host.stdout(proc)
+
+
+# -- LLM provider (spec 10 "Start needs an LLM provider") ---------------------------------------------------------
+
+NO_PROVIDER = ("No LLM provider configured. Configure at least one supported provider before starting Carapace — "
+               "examples include setting ANTHROPIC_API_KEY, OPENAI_API_KEY, GOOGLE_API_KEY, {nearai}or VENICE_API_KEY; "
+               "configuring Ollama; configuring an authProfile (anthropic.authProfile, google.authProfile, "
+               "codex.authProfile); or configuring AWS Bedrock (AWS_REGION + credentials), Vertex AI "
+               "(VERTEX_PROJECT_ID), or the Claude CLI provider. Other supported provider configurations may also be "
+               "valid; see the project documentation for the full list.")
+
+
+@pytest.fixture
+def bare_host(cara_hosts, cara_flavor):
+    """A host of each flavor whose config names no LLM provider."""
+    return cara_hosts(cara_hosts.flavor_versions[cara_flavor], flavor=cara_flavor, llm=False)
+
+
+def test_start_without_provider_fails(bare_host):
+    host = bare_host
     result = host.run("start")
-    assert result.returncode == 1 and "queue.json" in result.stderr and "cara restore" in result.stderr
+    message = NO_PROVIDER.format(nearai="NEARAI_API_KEY, " if host.flavor == "head" else "")
+    assert (result.returncode, result.stderr) == (1, 'Error: "%s"\n' % message)
+    assert (host.state / "sessions").is_dir() and host.get("/health") is None  # state dir prepared, nothing bound
     assert not (host.state / "daemon.pid").exists()
+
+
+@pytest.mark.parametrize("env, config", [
+    ({"ANTHROPIC_API_KEY": "sk-test"}, {}),
+    ({"OPENAI_API_KEY": "sk-test"}, {}),
+    ({"GOOGLE_API_KEY": "g"}, {}),
+    ({"VENICE_API_KEY": "v"}, {}),
+    ({"OLLAMA_BASE_URL": "http://127.0.0.1:9"}, {}),
+    ({"AWS_REGION": "eu-west-1", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "s"}, {}),
+    ({"VERTEX_PROJECT_ID": "p"}, {}),
+    ({}, {"providers": {"ollama": {}}}),
+    ({}, {"anthropic": {"authProfile": "default"}}),
+])
+def test_any_provider_lets_it_start(bare_host, env, config):
+    host = bare_host
+    host.write_config(dict({"gateway": {"port": host.port}}, **config))
+    proc = host.start(env=host.env(**env))
+    assert host.stop(proc) == 0
+    assert "LLM: enabled" in host.stdout(proc)
+
+
+def test_aws_region_alone_is_not_a_provider(bare_host):
+    assert bare_host.run("start", env=bare_host.env(AWS_REGION="eu-west-1")).returncode == 1
+
+
+def test_ollama_connectivity_check_at_start(host, llm):
+    before = llm.tags_requests
+    proc = host.start()
+    host.wait_for(lambda: llm.tags_requests > before, what="GET /api/tags")
+    host.wait_for(lambda: "Ollama connected, available models: fake-llm" in host.stdout(proc), what="the log line")
+    assert host.stop(proc) == 0
 
 
 def test_release_runs_through_its_shebang(host):

@@ -20,8 +20,8 @@ def seed_state(host):
     files = {
         "sessions/s1.json": '{"id": "s1"}\n', "sessions/s1.jsonl": '{"role": "user"}\n',
         "sessions/.crypto-manifest": "manifest\n", "sessions/s2.json": '{"id": "s2"}\n',
-        "cron/jobs.json": '{"version": 1, "jobs": [{"id": "j1"}]}\n',
-        "tasks/queue.json": '{"schemaVersion": 1, "tasks": []}\n',
+        "cron/jobs.json": '[{"id": "j1"}]\n',
+        "tasks/queue.json": '[]\n',
         "usage.json": '{"version": 1, "totals": {"requests": 7}}\n',
         "updates/transaction.json": "{}\n", "audit.jsonl": "{}\n",
     }
@@ -236,7 +236,7 @@ def test_restore_refuses_while_daemon_runs(host):
     if host.flavor == "head":
         assert result.returncode == 1
         assert result.stderr.startswith('Error: "refusing to restore state while daemon is running: ')
-        assert (host.state / "cron" / "jobs.json").read_text() != "restored"
+        assert not (host.state / "cron" / "jobs.json").exists()
     else:
         assert result.returncode == 0 and (host.state / "cron" / "jobs.json").read_text() == "restored"
 
@@ -268,11 +268,11 @@ def test_restore_symlinked_file(host, tmp_path):
 # -- the round trip of the rollback runbook ----------------------------------------------------------------------
 
 def snapshot(host):
-    """Every backed-up file, byte for byte."""
+    """Every backed-up file, byte for byte (not the copies cara keeps of an unparsable queue)."""
     files = {}
     for section in ("sessions", "cron", "tasks"):
         for path in sorted((host.state / section).rglob("*")):
-            if path.is_file():
+            if path.is_file() and ".corrupt." not in path.name:
                 files[str(path.relative_to(host.state))] = path.read_bytes()
     files["usage.json"] = (host.state / "usage.json").read_bytes()
     files["config"] = host.config_file.read_bytes()
@@ -293,12 +293,14 @@ def test_round_trip_backup_corrupt_restore_start(host):
     for path in (host.state / "sessions").iterdir():
         path.unlink()
     (host.state / "usage.json").write_bytes(b"")
-    assert host.run("start").returncode == 1  # corrupt state fails closed
+    failed = host.run("start")  # an unparsable task queue fails closed, and cara keeps a copy of it
+    assert failed.returncode == 1 and "failed to parse current task queue file" in failed.stderr
+    assert [p.read_text() for p in (host.state / "tasks").glob("queue.json.corrupt.*")] == ["{garbage"]
     result = host.run("restore", str(archive), "--force")
     assert result.returncode == 0 and "  Sessions: 1" in result.stdout
     proc = host.start()
     assert host.run("status").returncode == 0
     assert host.stop(proc) == 0
     assert snapshot(host) == before
-    tasks = json.loads(before["tasks/queue.json"])["tasks"]
+    tasks = json.loads(before["tasks/queue.json"])
     assert [t["state"] for t in tasks] == ["done"]

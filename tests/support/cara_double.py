@@ -41,10 +41,11 @@ FAULT_TYPES = {
     "ready_never": bool,             # /health/ready answers 503 for ever
     "verify_autonomy_fail": bool,    # every control task ends in state "failed"
     "health_version": str,           # /health reports this version instead of VERSION
-    "slow_start_s": (int, float),    # sleeps this long (pid written, lock held) before binding
-    "migrate_state": int,            # state schema this release writes on first start (> 1)
+    "slow_start_s": (int, float),    # sleeps this long (HEAD: pid written, lock held) before binding
+    "migrate_state": (bool, int),    # this release migrates tasks/queue.json to a shape older releases cannot read
+    "stop_delay_s": (int, float),    # after SIGTERM/SIGINT, shutdown takes this long (bounded to STOP_DELAY_MAX_S)
 }
-STATE_SCHEMA = 1                     # schemaVersion of tasks/queue.json a normal release reads/writes
+STOP_DELAY_MAX_S = 12.0              # ~5 s audit drain + 5 s server wait + 2 s before self-SIGKILL (spec 1.2, 10)
 DEFAULT_PORT = 18789
 STATE_SUBDIRS = ("sessions", "cron", "tasks", "activity", "plugins", "credentials", "matrix", "agents", "updates")
 BACKUP_SECTIONS = ("sessions", "config", "memory", "cron", "tasks", "usage")
@@ -72,10 +73,15 @@ def validate_faults(faults):
     for key, value in faults.items():
         if key not in FAULT_TYPES:
             raise ValueError("unknown fault switch %r (known: %s)" % (key, ", ".join(sorted(FAULT_TYPES))))
-        if isinstance(value, bool) and FAULT_TYPES[key] is not bool or not isinstance(value, FAULT_TYPES[key]):
+        types = FAULT_TYPES[key] if isinstance(FAULT_TYPES[key], tuple) else (FAULT_TYPES[key],)
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             raise ValueError("fault switch %r needs a value of type %s, got %r" % (key, FAULT_TYPES[key], value))
-    if faults.get("migrate_state", 2) <= STATE_SCHEMA:
-        raise ValueError("migrate_state must be a schema version above %d" % STATE_SCHEMA)
+    migrate = faults.get("migrate_state", True)
+    if migrate is not True and (migrate is False or migrate <= 1):
+        raise ValueError("migrate_state must be true (or, for compatibility, a schema number above 1)")
+    delay = faults.get("stop_delay_s", 0)
+    if not 0 <= delay <= STOP_DELAY_MAX_S:
+        raise ValueError("stop_delay_s must be between 0 and %s" % STOP_DELAY_MAX_S)
 
 
 def build_release(version, out_path, *, flavor=None, faults=None, build_date="unknown", git_commit=None):
@@ -112,7 +118,16 @@ def build_release(version, out_path, *, flavor=None, faults=None, build_date="un
 # Errors and output conventions (spec 1.0)
 
 class CaraError(Exception):
-    """A handler error: printed as `Error: "<Debug>"` on stderr, exit 1 (Rust `main` returning Err)."""
+    """A handler error: printed as `Error: "<Debug>"` on stderr, exit 1 (Rust `main` returning Err).
+    `variant` names the Rust error enum variant whose Debug wraps the message (`Runtime("…")`)."""
+
+    def __init__(self, message, variant=None):
+        super().__init__(message)
+        self.variant = variant
+
+    def render(self):
+        text = rust_debug(str(self))
+        return "%s(%s)" % (self.variant, text) if self.variant else text
 
 
 class UsageError(Exception):
@@ -396,19 +411,7 @@ def lan_address():
 
 def write_json_atomic(path, data):
     """tmp + fsync + rename, 0600, pretty JSON + newline (how Carapace persists its state files)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".%s." % path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def lock_path(sdir):
@@ -459,13 +462,22 @@ def ensure_no_daemon(sdir, action):
 # ----------------------------------------------------------------------------------------------------------------
 # Persistent state the double reads and writes
 
-EMPTY_QUEUE = {"schemaVersion": STATE_SCHEMA, "tasks": []}
-EMPTY_CRON = {"version": 1, "jobs": []}
 EMPTY_USAGE = {"version": 1, "totals": {"requests": 0, "inputTokens": 0, "outputTokens": 0}, "sessions": {}}
-
-
-def supported_schema():
-    return FAULTS.get("migrate_state", STATE_SCHEMA)
+TASK_STATES = ("queued", "running", "blocked", "retry_wait", "done", "failed", "cancelled")
+TASK_BLOCKED_REASONS = ("approval_required", "config_missing", "delivery_failure", "external_dependency",
+                        "operator_action_required", "unknown")
+# DurableTask field -> serde type (v0.8.0 src/tasks/mod.rs); "?" = Option, missing read as None.
+TASK_FIELDS = (("id", "string"), ("state", "TaskState"), ("attempts", "u32"), ("nextRunAtMs", "u64?"),
+               ("lastError", "string?"), ("payload", "value"), ("createdAtMs", "u64"), ("updatedAtMs", "u64"),
+               ("runIds", "strings"), ("policy", "TaskPolicy"), ("blockedReason", "TaskBlockedReason?"),
+               ("policyExplicit", "bool"))
+TASK_POLICY_FIELDS = (("maxAttempts", "u32"), ("maxTotalRuntimeMs", "u64"), ("maxTurns", "u32"),
+                      ("maxRunTimeoutSeconds", "u32"))
+DEFAULT_TASK_POLICY = {"maxAttempts": 100, "maxTotalRuntimeMs": 7 * 24 * 60 * 60 * 1000, "maxTurns": 25,
+                       "maxRunTimeoutSeconds": 600}
+SERDE_ENUMS = {"TaskState": TASK_STATES, "TaskBlockedReason": TASK_BLOCKED_REASONS,
+               "UpdateTransactionState": ("in_progress", "applied", "failed"),
+               "UpdatePhase": ("created", "downloading", "downloaded", "verified", "applying", "applied", "failed")}
 
 
 def read_state_json(path):
@@ -475,56 +487,277 @@ def read_state_json(path):
         raise CaraError("failed to read %s: %s; restore it from a backup (cara restore <backup> --force)" % (path, exc))
 
 
+class SerdeError(ValueError):
+    """A serde_json-style error text ("invalid type: map, expected u32 at line 5 column 17")."""
+
+
+def serde_unexpected(value):
+    """How serde names an unexpected JSON value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean `%s`" % ("true" if value else "false")
+    if isinstance(value, int):
+        return "integer `%d`" % value
+    if isinstance(value, float):
+        return "floating point `%r`" % value
+    if isinstance(value, str):
+        return "string %s" % json.dumps(value)
+    return "sequence" if isinstance(value, list) else "map"
+
+
+SERDE_SYNTAX = (("Expecting property name", "key must be a string"), ("Expecting value", "expected value"),
+                ("Extra data", "trailing characters"), ("Unterminated string", "EOF while parsing a string"),
+                ("Expecting ':'", "expected `:`"), ("Expecting ','", "expected `,` or `]`"))
+
+
+def serde_json_loads(text):
+    """json.loads with serde_json's wording of syntax errors (common cases; others keep Python's text)."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        msg = getattr(exc, "msg", str(exc))
+        msg = next((serde for py, serde in SERDE_SYNTAX if msg.startswith(py)), msg)
+        raise SerdeError("%s at line %d column %d" % (msg, getattr(exc, "lineno", 1), getattr(exc, "colno", 0)))
+
+
+def line_col(text, offset):
+    offset = max(0, min(offset, len(text)))
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1)
+
+
+class QueueCodec:
+    """tasks/queue.json as v0.8.0 serde reads and writes it: a bare array of DurableTask (camelCase).
+
+    Errors carry serde's wording; their line/column is the double's best effort (the position of the offending
+    key's value, or the end of the file for a missing field). Under fault `migrate_state` the release also reads
+    and always writes `attempts` as `{"count": n}`, which serde's u32 of every other release cannot read."""
+
+    def __init__(self, migrated=False):
+        self.migrated = migrated
+
+    def decode(self, text):
+        data = serde_json_loads(text)
+        self.text = text
+        self.seen = {}
+        if not isinstance(data, list):
+            raise SerdeError("invalid type: %s, expected a sequence at line 1 column 1" % serde_unexpected(data))
+        return [self.task(item) for item in data]
+
+    def locate(self, key):
+        """Remember the position just after the start of the value of the next occurrence of "key" (best effort)."""
+        index = self.seen.get(key, 0)
+        matches = list(re.finditer(r'"%s"\s*:\s*' % re.escape(key), self.text))
+        self.seen[key] = index + 1
+        offset = matches[index].end() + 1 if index < len(matches) else len(self.text)
+        self.position = "at line %d column %d" % line_col(self.text, offset)
+
+    def where(self, _key=None):
+        return getattr(self, "position", "at line 1 column 1")
+
+    def fail(self, key, value, expected):
+        raise SerdeError("invalid type: %s, expected %s %s" % (serde_unexpected(value), expected, self.where(key)))
+
+    def task(self, item):
+        return self.struct(item, TASK_FIELDS, "DurableTask")
+
+    def struct(self, item, fields, name="UpdateTransaction"):
+        if not isinstance(item, dict):
+            raise SerdeError("invalid type: %s, expected struct %s at line %d column %d"
+                             % ((serde_unexpected(item), name) + line_col(self.text, len(self.text))))
+        record = {}
+        for key, kind in fields:
+            if key not in item:
+                if kind.endswith("?") or kind in ("strings",) or kind == "bool" and name == "DurableTask":
+                    record[key] = None if kind.endswith("?") else ([] if kind == "strings" else False)
+                    continue
+                if kind == "TaskPolicy":
+                    record[key] = dict(DEFAULT_TASK_POLICY)
+                    continue
+                raise SerdeError("missing field `%s` at line %d column %d" % ((key,) + line_col(self.text, len(self.text))))
+            self.locate(key)
+            record[key] = self.field(key, kind, item[key])
+        return record
+
+    def field(self, key, kind, value):
+        if kind.endswith("?"):
+            if value is None:
+                return None
+            kind = kind[:-1]
+        if kind == "u32" and key == "attempts" and self.migrated and isinstance(value, dict):
+            return self.field("count", "u32", value.get("count"))
+        if kind in ("u32", "u64"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.fail(key, value, kind)
+            if not 0 <= value < (1 << (32 if kind == "u32" else 64)):
+                raise SerdeError("invalid value: integer `%d`, expected %s %s" % (value, kind, self.where(key)))
+            return value
+        if kind == "string":
+            if not isinstance(value, str):
+                self.fail(key, value, "a string")
+            return value
+        if kind == "bool":
+            if not isinstance(value, bool):
+                self.fail(key, value, "a boolean")
+            return value
+        if kind == "strings":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                self.fail(key, value, "a sequence")
+            return value
+        if kind in SERDE_ENUMS:
+            variants = SERDE_ENUMS[kind]
+            if not isinstance(value, str):
+                self.fail(key, value, "enum %s" % kind)
+            if value not in variants:
+                raise SerdeError("unknown variant `%s`, expected one of %s %s"
+                                 % (value, ", ".join("`%s`" % v for v in variants), self.where(key)))
+            return value
+        if kind == "TaskPolicy":
+            if not isinstance(value, dict):
+                self.fail(key, value, "struct TaskPolicy")
+            policy = {}
+            for name, sub in TASK_POLICY_FIELDS:
+                if name not in value:
+                    raise SerdeError("missing field `%s` at line %d column %d"
+                                     % ((name,) + line_col(self.text, len(self.text))))
+                self.locate(name)
+                policy[name] = self.field(name, sub, value[name])
+            return policy
+        return value  # payload: any JSON value
+
+    def encode(self, tasks):
+        return json.dumps([self.serialize(t) for t in tasks], indent=2, ensure_ascii=False) + "\n"
+
+    def serialize(self, task):
+        """Field order and skip rules of DurableTask's Serialize; unknown keys are gone."""
+        out_task = {}
+        for key, _kind in TASK_FIELDS:
+            value = task.get(key)
+            if key == "runIds" and not value or key == "blockedReason" and value is None \
+                    or key == "policyExplicit" and not value:
+                continue
+            if key == "attempts" and self.migrated:
+                value = {"count": value}
+            out_task[key] = value if key != "policy" else dict(value or DEFAULT_TASK_POLICY)
+        return out_task
+
+
+def write_text_atomic(path, text, mode=0o600):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".%s." % path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 class StateStore:
-    """tasks/queue.json, cron/jobs.json, usage.json and sessions/: created when missing, never rewritten idly."""
+    """tasks/queue.json, cron/jobs.json, usage.json and sessions/. The queue and the cron jobs are bare JSON arrays,
+    written only when something changes them (a missing file is an empty list, as in v0.8.0 src/tasks/mod.rs)."""
 
     def __init__(self, sdir, logger):
         self.dir = Path(sdir)
         self.log = logger
         self.lock = threading.Lock()
         self.queue_path = self.dir / "tasks" / "queue.json"
+        self.cron_path = self.dir / "cron" / "jobs.json"
         self.usage_path = self.dir / "usage.json"
+        self.codec = QueueCodec(migrated=bool(FAULTS.get("migrate_state")))
+        self.queue = []
 
     def open(self):
-        for path, empty in ((self.queue_path, EMPTY_QUEUE), (self.dir / "cron" / "jobs.json", EMPTY_CRON),
-                            (self.usage_path, EMPTY_USAGE)):
-            if not path.exists():
-                write_json_atomic(path, empty)
-            read_state_json(path)
-        self.queue = read_state_json(self.queue_path)
-        self.check_schema()
+        """Cron first (errors logged, empty), then the task queue (errors abort startup), then usage."""
+        self.load_cron()
+        self.load_queue()
+        if not self.usage_path.exists():
+            write_json_atomic(self.usage_path, EMPTY_USAGE)
         self.usage = read_state_json(self.usage_path)
 
-    def check_schema(self):
-        """Fail closed on state written by a newer release; migrate older state forward (fault migrate_state)."""
-        found = self.queue.get("schemaVersion", 1) if isinstance(self.queue, dict) else None
-        if not isinstance(found, int) or not isinstance(self.queue.get("tasks"), list):
-            raise CaraError("task queue %s is not in a format this release understands" % self.queue_path)
-        if found > supported_schema():
-            details = (self.queue_path, found, VERSION, supported_schema())
-            raise CaraError("task queue %s has schemaVersion %d, newer than this release (v%s) supports (%d); state "
-                            "was migrated by a newer release: restore the backup taken before the upgrade with "
-                            "`cara restore <backup> --force` or run the newer release" % details)
-        if found < supported_schema():
-            self.queue = dict(self.queue, schemaVersion=supported_schema(), migratedFrom=found)
-            write_json_atomic(self.queue_path, self.queue)
-            self.log.info("migrated state schema", fromVersion=found, toVersion=supported_schema())
+    def load_cron(self):
+        try:
+            data = json.loads(self.cron_path.read_text(encoding="utf-8"))
+            if not isinstance(data, list):
+                raise ValueError("invalid type: %s, expected a sequence" % serde_unexpected(data))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            self.log.error("failed to load cron jobs; starting with no jobs", path=str(self.cron_path), error=str(exc))
+
+    def load_queue(self):
+        try:
+            raw = self.queue_path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise CaraError("failed to read task queue file %s; persisted tasks were not loaded: %s. Remove or "
+                            "repair the file before restarting" % (self.queue_path, exc), "Runtime")
+        try:
+            tasks = self.codec.decode(raw.decode("utf-8"))
+        except (SerdeError, UnicodeDecodeError) as exc:
+            try:
+                note = " A copy was written to %s." % self.write_corrupt_copy(raw)
+            except OSError as copy_err:
+                note = " Failed to write corrupt queue backup: %s." % copy_err
+            message = ("failed to parse current task queue file %s; persisted tasks were not loaded: %s.%s Remove or "
+                       "repair the file before restarting" % (self.queue_path, exc, note))
+            self.log.error(message, path=str(self.queue_path))
+            raise CaraError(message, "Runtime")
+        now = now_ms()
+        recovered = False
+        for task in tasks:
+            if task["state"] == "running":
+                task.update(state="retry_wait", nextRunAtMs=now, updatedAtMs=now)
+                task["lastError"] = task["lastError"] or "recovered after restart"
+                recovered = True
+        self.queue = tasks
+        if recovered or (self.codec.migrated and tasks and self.codec.encode(tasks) != raw.decode("utf-8")):
+            if self.codec.migrated:
+                self.log.info("migrated task queue to this release's format", path=str(self.queue_path),
+                              tasks=len(tasks))
+            self.flush()
+
+    def write_corrupt_copy(self, raw):
+        stamp = now_ms()
+        for attempt in range(1024):
+            candidate = Path("%s.corrupt.%d.%d" % (self.queue_path, stamp, attempt))
+            try:
+                fd = os.open(str(candidate), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(raw)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return candidate
+        raise OSError("exhausted unique corrupt queue backup path attempts; prune old backups and retry")
+
+    def flush(self):
+        write_text_atomic(self.queue_path, self.codec.encode(self.queue))
 
     def tasks(self):
         with self.lock:
-            return [dict(t) for t in self.queue["tasks"]]
+            return [dict(t) for t in self.queue]
 
     def task(self, task_id):
         with self.lock:
-            return next((dict(t) for t in self.queue["tasks"] if t.get("id") == task_id), None)
+            return next((dict(t) for t in self.queue if t.get("id") == task_id), None)
 
     def put_task(self, task):
         with self.lock:
-            tasks = [t for t in self.queue["tasks"] if t.get("id") != task["id"]]
-            index = next((i for i, t in enumerate(self.queue["tasks"]) if t.get("id") == task["id"]), len(tasks))
-            tasks.insert(index, task)
-            self.queue = dict(self.queue, tasks=tasks)
-            write_json_atomic(self.queue_path, self.queue)
+            index = next((i for i, t in enumerate(self.queue) if t.get("id") == task["id"]), None)
+            if index is None:
+                self.queue.append(dict(task))
+            else:
+                self.queue[index] = dict(task)
+            self.flush()
 
     def record_chat(self, message, reply):
         """One chat turn: sessions/<id>.json + <id>.jsonl, and the usage counters."""
@@ -633,6 +866,8 @@ class UpdateMarkers:
                 sibling.unlink()
 
     def after_bind(self):
+        if FLAVOR != "head":
+            return
         marker = self.read()
         if marker is not None and marker["startupState"] == "started" and self.matches_exe(marker):
             backup = Path(marker["backupPath"])
@@ -647,6 +882,32 @@ class UpdateMarkers:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The gateway: startup sequence, HTTP routes, task worker (spec 1.2, 1.10)
+
+def cleanup_old_binaries(sdir, logger):
+    """v0.8.0 `cleanup_old_binaries` (WS state build at every start, and after an apply): EVERY file named *.bak or
+    *.old in the executable's directory is deleted, whoever it belongs to; staged files in updates/ older than
+    7 days too (not transaction.json)."""
+    exe = exe_path()
+    try:
+        siblings = list(exe.parent.iterdir())
+    except OSError:
+        siblings = []
+    for sibling in siblings:
+        if sibling.suffix in (".bak", ".old") and sibling.name not in (".bak", ".old"):
+            try:
+                sibling.unlink()
+                logger.info("removed old binary", path=str(sibling))
+            except OSError as exc:
+                logger.warn("failed to remove old binary", path=str(sibling), error=str(exc))
+    updates = Path(sdir) / "updates"
+    cutoff = time.time() - 7 * 24 * 3600
+    for entry in (list(updates.iterdir()) if updates.is_dir() else []):
+        try:
+            if entry.name != "transaction.json" and entry.stat().st_mtime < cutoff:
+                entry.unlink()
+        except OSError:
+            pass
+
 
 def prepare_state_dir(sdir):
     """Create the state dir and its subdirectories 0700; refuse a foreign owner or a symlinked subdir."""
@@ -667,6 +928,568 @@ def prepare_state_dir(sdir):
         handle.write(json.dumps({"event": "gateway_start", "version": VERSION, "timestampMs": now_ms()}) + "\n")
 
 
+def audit(sdir, event, **fields):
+    """One line in {state_dir}/audit.jsonl (the double's own event names)."""
+    try:
+        fd = os.open(str(Path(sdir) / "audit.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(fd, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(dict(fields, event=event, version=VERSION, timestampMs=now_ms())) + "\n")
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLM providers (spec 10 "Start needs an LLM provider"; src/agent/factory.rs build_providers, src/agent/ollama.rs)
+
+DEFAULT_OLLAMA_BASE_URL = "http://localhost:11434"
+DEFAULT_OLLAMA_MODEL = "llama3.2"
+NO_PROVIDER_MESSAGE = (
+    "No LLM provider configured. Configure at least one supported provider before starting Carapace — examples "
+    "include setting ANTHROPIC_API_KEY, OPENAI_API_KEY, GOOGLE_API_KEY, %sor VENICE_API_KEY; configuring Ollama; "
+    "configuring an authProfile (anthropic.authProfile, google.authProfile, codex.authProfile); or configuring AWS "
+    "Bedrock (AWS_REGION + credentials), Vertex AI (VERTEX_PROJECT_ID), or the Claude CLI provider. Other supported "
+    "provider configurations may also be valid; see the project documentation for the full list.")
+
+
+def env_value(name):
+    value = (os.environ.get(name) or "").strip()
+    return value or None
+
+
+def cfg_str(cfg, dotted):
+    value = cfg_get(cfg, dotted)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def configured_provider(cfg):
+    """The provider the double routes model calls to: Ollama when configured (the only one it can call), else the
+    first other configured provider (present, but unreachable from the double); None when none is configured."""
+    ollama_cfg = cfg_get(cfg, "providers.ollama")
+    ollama_url = env_value("OLLAMA_BASE_URL") or cfg_str(cfg, "providers.ollama.baseUrl")
+    if ollama_url or ollama_cfg is not None:
+        url = (ollama_url or DEFAULT_OLLAMA_BASE_URL).rstrip("/")
+        if not re.match(r"^https?://", url):
+            raise CaraError("invalid Ollama base URL %s: only http and https are supported" % url)
+        model = cfg_str(cfg, "agents.defaults.model") or DEFAULT_OLLAMA_MODEL
+        return {"name": "ollama", "baseUrl": url, "model": re.sub(r"^ollama[:/]", "", model),
+                "apiKey": cfg_str(cfg, "providers.ollama.apiKey")}
+    bedrock_on = cfg_get(cfg, "bedrock.enabled") is not False
+    candidates = [
+        ("anthropic", env_value("ANTHROPIC_API_KEY") or cfg_str(cfg, "anthropic.apiKey")
+         or cfg_str(cfg, "anthropic.authProfile")),
+        ("openai", env_value("OPENAI_API_KEY") or cfg_str(cfg, "openai.apiKey")),
+        ("codex", cfg_str(cfg, "codex.authProfile")),
+        ("gemini", env_value("GOOGLE_API_KEY") or cfg_str(cfg, "google.apiKey") or cfg_str(cfg, "google.authProfile")),
+        ("venice", env_value("VENICE_API_KEY") or cfg_str(cfg, "venice.apiKey")),
+        ("nearai", FLAVOR == "head" and env_value("NEARAI_API_KEY")),
+        ("bedrock", bedrock_on and (env_value("AWS_REGION") or env_value("AWS_DEFAULT_REGION") or cfg_str(cfg, "bedrock.region"))
+         and (env_value("AWS_ACCESS_KEY_ID") or cfg_str(cfg, "bedrock.accessKeyId"))
+         and (env_value("AWS_SECRET_ACCESS_KEY") or cfg_str(cfg, "bedrock.secretAccessKey"))),
+        ("vertex", env_value("VERTEX_PROJECT_ID") or cfg_str(cfg, "vertex.projectId")),
+        ("claude-cli", cfg_get(cfg, "claudeCli.enabled") is True or env_value("CLAUDE_CLI_ENABLED") in ("1", "true")),
+    ]
+    for name, present in candidates:
+        if present:
+            return {"name": name}
+    return None
+
+
+def require_provider(cfg):
+    provider = configured_provider(cfg)
+    if provider is None:
+        raise CaraError(NO_PROVIDER_MESSAGE % ("NEARAI_API_KEY, " if FLAVOR == "head" else ""))
+    return provider
+
+
+class LlmError(Exception):
+    """A failed model call (provider down, HTTP error, timeout, unreadable stream)."""
+
+
+def http_url_request(method, url, body=None, headers=None, timeout=30, head=False):
+    """(status, reason, bytes) of one request to an http:// URL; raises OSError when nothing answers."""
+    import http.client
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise OSError("unsupported URL scheme in %s" % url)
+    conn_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = conn_class(parts.hostname, parts.port, timeout=timeout)
+    path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        resp = conn.getresponse()
+        return resp.status, resp.reason, (b"" if head else resp.read())
+    except http.client.HTTPException as exc:
+        raise OSError(str(exc) or type(exc).__name__)
+    finally:
+        conn.close()
+
+
+def chat_completion(provider, messages, timeout):
+    """One model call the way cara's Ollama provider makes it: POST {base}/v1/chat/completions, stream: true,
+    OpenAI SSE chunks. Returns (text, usage)."""
+    if provider["name"] != "ollama":
+        raise LlmError("the %s provider is configured, but the cara double can only call an Ollama-compatible "
+                       "provider (providers.ollama.baseUrl / OLLAMA_BASE_URL)" % provider["name"])
+    url = provider["baseUrl"] + "/v1/chat/completions"
+    body = {"model": provider["model"], "messages": messages, "stream": True,
+            "stream_options": {"include_usage": True}}
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if provider.get("apiKey"):
+        headers["Authorization"] = "Bearer %s" % provider["apiKey"]
+    try:
+        status, reason, data = http_url_request("POST", url, json.dumps(body).encode(), headers, timeout)
+    except socket.timeout:
+        raise LlmError("Ollama request to %s timed out after %ss" % (url, timeout))
+    except OSError as exc:
+        raise LlmError("Ollama request to %s failed: %s" % (url, describe_os_error(exc)))
+    if status != 200:
+        raise LlmError("Ollama API returned HTTP %d %s: %s" % (status, reason, data.decode("utf-8", "replace")[:200]))
+    text, usage = [], {}
+    try:
+        lines = data.decode("utf-8").splitlines()
+        if not any(line.startswith("data:") for line in lines):  # a non-streaming JSON answer
+            answer = json.loads(data)
+            return answer["choices"][0]["message"]["content"], answer.get("usage") or {}
+        for line in lines:
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                break
+            chunk = json.loads(payload)
+            for choice in chunk.get("choices") or []:
+                text.append((choice.get("delta") or {}).get("content") or "")
+            usage = chunk.get("usage") or usage
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise LlmError("unreadable response from Ollama: %s" % exc)
+    return "".join(text), usage
+
+
+def ollama_connectivity_check(provider, logger):
+    """Best-effort GET {base}/api/tags at startup, logged, never fatal (src/agent/factory.rs)."""
+    try:
+        status, _reason, data = http_url_request("GET", provider["baseUrl"] + "/api/tags", timeout=10)
+        if status != 200:
+            raise OSError("Ollama /api/tags returned %d" % status)
+        models = [m.get("name") for m in json.loads(data).get("models") or []]
+        logger.info("Ollama connected, available models: %s" % ", ".join(models) if models
+                    else "Ollama connected (no models pulled yet)")
+    except (OSError, ValueError, AttributeError) as exc:
+        logger.warn("Ollama connectivity check failed: %s (provider will remain configured, requests may fail until "
+                    "Ollama is reachable)" % exc)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Startup auto-resume of updates/transaction.json (spec 3.3-3.6, 10)
+
+TX_STATES = ("in_progress", "applied", "failed")
+TX_PHASES = ("created", "downloading", "downloaded", "verified", "applying", "applied", "failed")
+TX_FIELDS = (("id", "string"), ("version", "string"), ("assetName", "string"), ("state", "UpdateTransactionState"),
+             ("attempt", "u32"), ("maxAttempts", "u32"), ("startedAtMs", "u64"), ("updatedAtMs", "u64"),
+             ("stagedPath", "string?"), ("bundlePath", "string?"), ("sha256", "string?"), ("lastError", "string?"),
+             ("phase", "UpdatePhase"), ("retryable", "bool"))
+RESUME_BACKOFF_S = {0: 5, 1: 5, 2: 15}
+RESUME_BACKOFF_LONG_S = 45
+DEFAULT_GITHUB_REPO = "puremachinery/carapace"
+SUMS_NAME = "SHA256SUMS.txt"
+
+
+class UpdateError(Exception):
+    def __init__(self, phase, message, retryable):
+        super().__init__(message)
+        self.phase = phase
+        self.retryable = retryable
+
+
+def retryable(phase, message):
+    return UpdateError(phase, message, True)
+
+
+def terminal(phase, message):
+    return UpdateError(phase, message, False)
+
+
+def expected_asset_name():
+    os_name, arch = platform_pair()
+    os_name = {"macos": "darwin"}.get(os_name, os_name)
+    return "cara-%s-%s%s" % (arch, os_name, ".exe" if os_name == "windows" else "")
+
+
+def sanitize_version(version):
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", version)
+    return safe or "unknown"
+
+
+class TransactionFile:
+    """updates/transaction.json as each flavor reads and writes it.
+    v0.8.0: strict serde (unknown state/phase or a missing field = the file does not parse), unknown keys dropped
+    on every write, no validation. HEAD: unknown state/phase read as "failed", load-time validation, unknown keys
+    and applyConfirmedUntilMs kept."""
+
+    def __init__(self, sdir):
+        self.sdir = Path(sdir)
+        self.path = self.sdir / "updates" / "transaction.json"
+
+    def load(self):
+        if not self.path.exists():
+            return None
+        try:
+            text = self.path.read_bytes()[:65536].decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise retryable(None, "failed to read update transaction '%s': %s" % (self.path, exc))
+        codec = QueueCodec()
+        try:
+            data = serde_json_loads(text)
+            if not isinstance(data, dict):
+                raise SerdeError("invalid type: %s, expected struct UpdateTransaction at line 1 column 1"
+                                 % serde_unexpected(data))
+            if FLAVOR == "head":
+                data = dict(data)
+                for key, variants in (("state", TX_STATES), ("phase", TX_PHASES)):
+                    if isinstance(data.get(key), str) and data[key] not in variants:
+                        data[key] = "failed"
+            codec.text, codec.seen = text, {}
+            tx = codec.struct(data, TX_FIELDS)
+            if FLAVOR == "head":
+                if data.get("applyConfirmedUntilMs") is not None:
+                    codec.locate("applyConfirmedUntilMs")
+                    tx["applyConfirmedUntilMs"] = codec.field("applyConfirmedUntilMs", "u64", data["applyConfirmedUntilMs"])
+                tx["_extra"] = {k: v for k, v in data.items() if k not in tx and k != "applyConfirmedUntilMs"}
+        except SerdeError as exc:
+            raise terminal(None, "failed to parse update transaction '%s': %s" % (self.path, exc))
+        if FLAVOR == "head":
+            self.validate(tx)
+        return tx
+
+    def validate(self, tx):
+        problems = []
+        if not tx["version"] or sanitize_version(tx["version"]) != tx["version"]:
+            problems.append("version %r is not path-safe" % tx["version"])
+        if tx["assetName"] != expected_asset_name():
+            problems.append("assetName %r does not match this platform (%s)" % (tx["assetName"], expected_asset_name()))
+        for key, suffix in (("stagedPath", ""), ("bundlePath", ".bundle")):
+            wanted = str(self.sdir / "updates" / ("cara-%s%s" % (sanitize_version(tx["version"]), suffix)))
+            if tx[key] is not None and tx[key] != wanted:
+                problems.append("%s must be %s" % (key, wanted))
+        if tx["sha256"] is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", tx["sha256"]):
+            problems.append("sha256 is not 64 hex characters")
+        if tx["maxAttempts"] < 1 or tx["attempt"] > tx["maxAttempts"]:
+            problems.append("attempt %d / maxAttempts %d out of range" % (tx["attempt"], tx["maxAttempts"]))
+        if tx["updatedAtMs"] < tx["startedAtMs"]:
+            problems.append("updatedAtMs is before startedAtMs")
+        if problems:
+            raise terminal(None, "invalid update transaction '%s': %s" % (self.path, "; ".join(problems)))
+
+    def persist(self, tx):
+        data = {key: tx[key] for key, _kind in TX_FIELDS}
+        if FLAVOR == "head":
+            if tx.get("applyConfirmedUntilMs") is not None:
+                data["applyConfirmedUntilMs"] = tx["applyConfirmedUntilMs"]
+            data.update(tx.get("_extra") or {})
+            return write_text_atomic(self.path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        tmp = Path(str(self.path) + ".tmp")  # v0.8.0: File::create(<path>.tmp), sync, rename (umask mode)
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+        return None
+
+    def clear(self):
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def resume_pending(tx):
+    if tx["state"] == "in_progress":
+        return True
+    return tx["state"] == "failed" and tx["retryable"] and tx["attempt"] < tx["maxAttempts"]
+
+
+class UpdateResumer:
+    """`spawn_update_resume_task` + `auto_resume_with_backoff`: 1 s after start, once per start, resume a pending
+    transaction with apply = true and automatic confirmation. "GitHub" is the base URL in the test-only variable
+    CARA_DOUBLE_GITHUB_URL (the release server's layout); unset, every fetch fails like an unreachable GitHub."""
+
+    def __init__(self, sdir, logger, stop_event):
+        self.sdir = Path(sdir)
+        self.log = logger
+        self.stop_event = stop_event
+        self.file = TransactionFile(sdir)
+        self.lock_fd = None
+
+    def start(self):
+        threading.Thread(target=self.run, name="update-resume", daemon=True).start()
+
+    def run(self):
+        if self.stop_event.wait(1.0):
+            return
+        try:
+            outcome = self.resume_with_backoff()
+        except UpdateError as exc:
+            self.log.warn("failed to resume pending update transaction", phase=exc.phase, retryable=exc.retryable,
+                          error=str(exc))
+            audit(self.sdir, "update_resume_failed", phase=exc.phase, retryable=exc.retryable, error=str(exc))
+            return
+        except Exception as exc:  # pylint: disable=broad-except  (a background task never takes the daemon down)
+            self.log.error("update resume task crashed", error="%s: %s" % (type(exc).__name__, exc))
+            return
+        if outcome:
+            self.log.info("resumed pending update transaction", version=outcome["version"],
+                          staged_path=outcome["stagedPath"], applied=outcome["applied"])
+            audit(self.sdir, "update_resume_applied", targetVersion=outcome["version"], attempt=outcome["attempt"])
+
+    def resume_with_backoff(self):
+        while not self.stop_event.is_set():
+            tx = self.file.load()
+            if tx is None or not resume_pending(tx):
+                return None
+            try:
+                return self.install_or_resume(tx)
+            except UpdateError as exc:
+                if not exc.retryable:
+                    raise
+                tx = self.file.load()
+                if tx is None:
+                    return None
+                if tx["state"] == "failed" and tx["attempt"] >= tx["maxAttempts"]:
+                    raise terminal(exc.phase, "%s (retry budget exhausted at attempt %d/%d)"
+                                   % (exc, tx["attempt"], tx["maxAttempts"]))
+                if not resume_pending(tx):
+                    return None
+                backoff = RESUME_BACKOFF_S.get(tx["attempt"], RESUME_BACKOFF_LONG_S)
+                self.log.info("update resume will retry", attempt=tx["attempt"], backoff_seconds=backoff, error=str(exc))
+                if self.stop_event.wait(backoff):
+                    return None
+        return None
+
+    # -- one install/resume run (install_with_existing_transaction + run_transaction_once) --------------------
+    def install_or_resume(self, tx):
+        self.acquire_update_lock()
+        try:
+            self.log.info("resuming existing update transaction", transaction_id=tx["id"], phase=tx["phase"],
+                          state=tx["state"], attempt=tx["attempt"], max_attempts=tx["maxAttempts"])
+            if FLAVOR == "head" and not self.confirmed(tx):
+                error = self.stale(tx)
+                self.record_failure(tx, error)
+                raise error
+            tx["updatedAtMs"] = now_ms()
+            self.file.persist(tx)
+            try:
+                return self.run_once(tx)
+            except UpdateError as exc:
+                self.record_failure(tx, exc)
+                raise
+        finally:
+            self.release_update_lock()
+
+    def acquire_update_lock(self):
+        """HEAD: flock on updates/update.lock.lock; v0.8.0: an in-process mutex only (nothing to do here)."""
+        if FLAVOR != "head":
+            return
+        path = self.sdir / "updates" / "update.lock.lock"
+        fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise retryable(None, "update transaction lock at '%s' is already held by another process" % path)
+        self.lock_fd = fd
+
+    def release_update_lock(self):
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    @staticmethod
+    def confirmed(tx):
+        deadline = tx.get("applyConfirmedUntilMs")
+        return deadline is not None and deadline >= now_ms()
+
+    @staticmethod
+    def stale(tx):
+        return terminal(tx["phase"], "stale update transaction %s requires fresh operator confirmation before applying; "
+                                     "rerun `cara update` to resume intentionally" % tx["id"])
+
+    def transition(self, tx, phase, state="in_progress", last_error=None, can_retry=True):
+        tx.update(phase=phase, state=state, lastError=last_error, retryable=can_retry, updatedAtMs=now_ms())
+        self.file.persist(tx)
+
+    def record_failure(self, tx, error):
+        self.transition(tx, "failed", "failed", str(error), error.retryable)
+
+    def run_once(self, tx):
+        if tx["attempt"] >= tx["maxAttempts"]:
+            raise terminal("failed", "update transaction retry budget exhausted (%d/%d)" % (tx["attempt"], tx["maxAttempts"]))
+        tx["attempt"] += 1
+        tx["updatedAtMs"] = now_ms()
+        self.file.persist(tx)
+        base, found = self.fetch_release_info(tx)
+        asset = tx["assetName"]
+        self.transition(tx, "downloading")
+        binary = self.download(base + "/" + asset)
+        bundle = self.download(base + "/" + asset + ".bundle")
+        version = sanitize_version(tx["version"])
+        staged = self.sdir / "updates" / ("cara-%s" % version)
+        bundle_path = self.sdir / "updates" / ("cara-%s.bundle" % version)
+        try:
+            if FLAVOR == "head" and os.path.lexists(staged):
+                os.unlink(staged)
+            with open(staged, "wb") as handle:
+                handle.write(binary)
+                handle.flush()
+                os.fsync(handle.fileno())
+            bundle_path.write_bytes(bundle)
+            os.chmod(staged, 0o755)
+        except OSError as exc:
+            raise retryable("downloading", "failed to write staged file '%s': %s" % (staged, exc))
+        tx.update(stagedPath=str(staged), bundlePath=str(bundle_path), sha256=hashlib.sha256(binary).hexdigest())
+        self.transition(tx, "downloaded")
+        self.verify(tx, base, binary, bundle, found)
+        self.transition(tx, "verified")
+        if FLAVOR == "head" and not self.confirmed(tx):
+            raise self.stale(tx)
+        self.transition(tx, "applying")
+        if file_sha256(staged) != tx["sha256"]:
+            raise terminal("applying", "staged artifact changed after verification")
+        self.apply(staged, tx)
+        self.transition(tx, "applied", "applied", None, False)
+        self.file.clear()
+        if FLAVOR != "head":
+            cleanup_old_binaries(self.sdir, self.log)
+        return {"version": tx["version"], "stagedPath": str(staged), "applied": True, "attempt": tx["attempt"]}
+
+    def fetch_release_info(self, tx):
+        """Stands in for GET api.github.com/repos/<repo>/releases/tags/v<version>: HEAD requests on the release's
+        asset, bundle and SHA256SUMS.txt under CARA_DOUBLE_GITHUB_URL. Returns (download base URL, names found)."""
+        repo = env_value("CARA_DOUBLE_GITHUB_REPO") or DEFAULT_GITHUB_REPO
+        tag = "v" + tx["version"]
+        api = "https://api.github.com/repos/%s/releases/tags/%s" % (repo, tag)
+        github = env_value("CARA_DOUBLE_GITHUB_URL")
+        if not github:
+            raise retryable(None, "failed to fetch release info: error sending request for url (%s)" % api)
+        base = "%s/%s/releases/download/%s" % (github.rstrip("/"), repo, tag)
+        asset = tx["assetName"]
+        names = (asset, asset + ".bundle", SUMS_NAME)
+        found = {}
+        for name in names:
+            try:
+                found[name] = http_url_request("HEAD", base + "/" + name, timeout=15, head=True)[0]
+            except OSError as exc:
+                raise retryable(None, "failed to fetch release info: error sending request for url (%s): %s"
+                                % (api, describe_os_error(exc)))
+        for status in found.values():
+            if status == 429 or status >= 500:
+                raise retryable(None, "GitHub API returned HTTP %d (%s)" % (status, "rate limited" if status == 429
+                                                                          else "unexpected response"))
+        present = [n for n in names if 200 <= found[n] < 300]
+        if not present:
+            raise terminal(None, "GitHub API returned HTTP 404 Not Found (release not found)")
+        for name in names[:2]:
+            if name not in present:
+                raise terminal("downloading", "no matching asset '%s' in release %s (available: %s)"
+                               % (name, tag, ", ".join(present)))
+        return base, present
+
+    def download(self, url):
+        try:
+            status, reason, data = http_url_request("GET", url, timeout=300)
+        except OSError as exc:
+            raise retryable("downloading", "failed to download artifact: %s" % describe_os_error(exc))
+        if not 200 <= status < 300:
+            raise retryable("downloading", "artifact download returned status %d %s" % (status, reason))
+        if not data:
+            raise terminal("downloading", "downloaded artifact is empty")
+        return data
+
+    def verify(self, tx, base, binary, bundle, found):
+        """The double cannot verify Sigstore bundles: it only requires the bundle to be JSON. Then the optional
+        SHA256SUMS.txt check, as cara does it."""
+        try:
+            json.loads(bundle)
+        except ValueError as exc:
+            raise terminal("verified", "bundle parse failed: %s" % exc)
+        if SUMS_NAME not in found:
+            return
+        try:
+            sums = self.download(base + "/" + SUMS_NAME).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise terminal("verified", "checksum file is not UTF-8 text: %s" % exc)
+        actual = hashlib.sha256(binary).hexdigest()
+        for line in sums.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and os.path.basename(parts[1].lstrip("*")) == tx["assetName"]:
+                expected = parts[0].lower()
+                if not re.fullmatch(r"[0-9a-f]{64}", expected):
+                    raise terminal("verified", "checksum file does not contain a valid SHA-256 hash: '%s'" % parts[0])
+                if expected != actual:
+                    raise terminal("verified", "SHA-256 mismatch: expected %s, got %s" % (expected, actual))
+                return
+        self.log.warn("checksum file present but no matching entry for update asset", asset_name=tx["assetName"])
+
+    def apply(self, staged, tx):
+        """Unix apply (spec 3.5): rename the running exe to <exe>.bak, copy the staged bytes to <exe>, chmod 0755.
+        v0.8.0 then deletes the .bak; HEAD keeps it and writes updates/rollback.json (startupState pending)."""
+        try:
+            meta = os.lstat(staged)
+        except OSError as exc:
+            raise terminal("applying", "staged binary not found at '%s': %s" % (staged, exc))
+        if meta.st_size == 0:
+            raise terminal("applying", "staged binary at '%s' is empty" % staged)
+        current = exe_path()
+        backup = Path(str(current) + ".bak")
+        backup_sha = file_sha256(current) if current.is_file() else None
+        try:
+            os.rename(current, backup)
+        except OSError as exc:
+            raise terminal("applying", "failed to rename current binary to '%s': %s" % (backup, exc))
+        try:
+            shutil.copyfile(staged, current)
+        except OSError as copy_err:
+            try:
+                os.rename(backup, current)
+            except OSError as restore_err:
+                raise terminal("applying", "CRITICAL: copy failed (%s) AND restore failed (%s). Backup path (if "
+                                           "present): %s" % (copy_err, restore_err, backup))
+            raise terminal("applying", "failed to copy staged binary to current path: %s" % copy_err)
+        os.chmod(current, 0o755)
+        if FLAVOR != "head":
+            try:
+                backup.unlink()
+            except OSError as exc:
+                self.log.warn("failed to remove backup file", path=str(backup), error=str(exc))
+            return
+        marker = {"binaryPath": str(current), "backupPath": str(backup), "sha256": tx["sha256"],
+                  "backupSha256": backup_sha, "appliedAtMs": now_ms(), "startupState": "pending"}
+        try:
+            write_json_atomic(self.sdir / "updates" / "rollback.json", marker)
+        except OSError as exc:
+            raise terminal("applying", "failed to persist update rollback marker: %s" % exc)
+
+
+def write_start_log(sdir, embedded):
+    """Test-only observability: CARA_DOUBLE_START_LOG names a file that gets one JSON line per start, with the
+    transaction.json seen before the resume task runs."""
+    target = os.environ.get("CARA_DOUBLE_START_LOG")
+    if not target:
+        return
+    path = Path(sdir) / "updates" / "transaction.json"
+    try:
+        transaction = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    except (OSError, ValueError):
+        transaction = {"unparseable": True}
+    line = {"pid": os.getpid(), "version": VERSION, "flavor": FLAVOR, "atMs": now_ms(), "exe": str(exe_path()),
+            "embedded": embedded, "transaction": transaction}
+    with open(target, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The gateway
+
 class Gateway:
     """One running gateway: daemon (`cara start`) or embedded (`cara verify`)."""
 
@@ -681,6 +1504,7 @@ class Gateway:
         self.lock_fd = None
         self.pid_written = False
         self.server = None
+        self.provider = None
         self.auth = gateway_credentials(cfg)
         self.hooks_token = hooks_token(cfg)
         self.requests = {}
@@ -692,15 +1516,23 @@ class Gateway:
         host, port = self.host_port or resolve_bind(self.cfg, configured_port(self.cfg))
         prepare_state_dir(self.sdir)
         markers = UpdateMarkers(self.sdir, self.log)
-        markers.before_bind()
+        markers.before_bind()                      # HEAD: rollback.json + marker-protected .bak/.old reaping
+        self.state = StateStore(self.sdir, self.log)
+        self.state.open()                          # cron, then the task queue (a parse failure aborts here)
+        if FLAVOR != "head":
+            cleanup_old_binaries(self.sdir, self.log)  # v0.8.0: every *.bak/*.old beside the exe, at every start
+        self.provider = require_provider(self.cfg)
         if "start_fail_ms" in FAULTS:
             if self.stop_event.wait(FAULTS["start_fail_ms"] / 1000.0):
                 return False
             raise CaraError("failed to build LLM provider: injected start failure (fault start_fail_ms)")
-        self.acquire_daemon_lock()
-        self.write_pid()
-        self.state = StateStore(self.sdir, self.log)
-        self.state.open()
+        if self.provider["name"] == "ollama":
+            threading.Thread(target=ollama_connectivity_check, args=(self.provider, self.log), daemon=True).start()
+        write_start_log(self.sdir, self.host_port is not None)
+        UpdateResumer(self.sdir, self.log, self.stop_event).start()
+        if FLAVOR == "head":                       # DaemonPidGuard: HEAD only (spec 10)
+            self.acquire_daemon_lock()
+            self.write_pid()
         if "slow_start_s" in FAULTS:
             self.log.info("slow start: delaying bind", seconds=FAULTS["slow_start_s"])
             if self.stop_event.wait(FAULTS["slow_start_s"]):
@@ -744,16 +1576,21 @@ class Gateway:
         self.log.info("Bind mode: %s" % cfg_get(self.cfg, "gateway.bind", "loopback"))
         self.log.info("Listening on %s" % self.address)
         self.log.info("State directory: %s" % self.sdir)
-        self.log.info("LLM: disabled")
+        self.log.info("LLM: enabled")
 
     # -- shutdown --------------------------------------------------------------------------------------------
-    def stop(self):
+    def stop(self, delay=0.0):
+        """Stop background tasks and the listener, then (fault stop_delay_s) take `delay` seconds for the rest of
+        the shutdown (audit drain, server wait) before the pid file and the lock go."""
         self.stop_event.set()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
         with self.worker_cv:
             self.worker_cv.notify_all()
+        if delay > 0:
+            self.log.info("shutdown: draining", seconds=delay)
+            time.sleep(delay)
         self.release()
 
     def release(self):
@@ -786,7 +1623,7 @@ class Gateway:
         writable = self.storage_writable()
         ok = writable and not FAULTS.get("ready_never")
         body = dict(self.health(), status="ready" if ok else "not_ready",
-                    checks={"storageWritable": writable, "llmReachable": True, "channels": "ok"})
+                    checks={"storageWritable": writable, "llmConfigured": self.provider is not None, "channels": "ok"})
         return ok, body
 
     def control_status(self):
@@ -824,36 +1661,68 @@ class Gateway:
         given = headers.get("Authorization", "")
         return bool(secret) and given.startswith("Bearer ") and hmac.compare_digest(given[7:], str(secret))
 
+    # -- model calls -----------------------------------------------------------------------------------------
+    def chat(self, message, timeout=600):
+        """One agent reply from the configured provider (the Ollama provider's 600 s request timeout)."""
+        text, _usage = chat_completion(self.provider, [{"role": "user", "content": message}], timeout)
+        return text.strip()
+
     # -- tasks -----------------------------------------------------------------------------------------------
     def create_task(self, body):
         stamp = now_ms()
-        task = {"id": str(uuid.uuid4()), "state": "queued", "attempts": 0,
-                "payload": body.get("payload", {}), "policy": body.get("policy", {}),
-                "createdAtMs": stamp, "updatedAtMs": stamp, "lastError": None, "result": None}
+        policy = body.get("policy")
+        task = {"id": str(uuid.uuid4()), "state": "queued", "attempts": 0, "nextRunAtMs": None, "lastError": None,
+                "payload": body.get("payload", {}), "createdAtMs": stamp, "updatedAtMs": stamp,
+                "policy": dict(DEFAULT_TASK_POLICY, **(policy if isinstance(policy, dict) else {})),
+                "policyExplicit": isinstance(policy, dict)}
         self.state.put_task(task)
         with self.worker_cv:
             self.worker_cv.notify_all()
-        return task
+        return public_task(task)
+
+    def due_tasks(self):
+        now = now_ms()
+        return [t for t in self.state.tasks()
+                if t.get("state") == "queued" or t.get("state") == "retry_wait" and (t.get("nextRunAtMs") or 0) <= now]
 
     def task_worker(self):
-        """Runs queued/running tasks one by one: attempts += 1, running, then done (or failed under the fault)."""
+        """Runs due tasks one by one: attempts += 1, running, then one model call for an agentTurn."""
         while not self.stop_event.is_set() and self.server is not None:
-            pending = [t for t in self.state.tasks() if t.get("state") in ("queued", "running")]
-            if not pending:
+            due = self.due_tasks()
+            if not due:
                 with self.worker_cv:
-                    self.worker_cv.wait(0.5)
+                    self.worker_cv.wait(0.25)
                 continue
-            self.run_task(pending[0])
+            self.run_task(due[0])
 
     def run_task(self, task):
-        task.update(state="running", attempts=task.get("attempts", 0) + 1, updatedAtMs=now_ms())
+        task.update(state="running", attempts=task.get("attempts", 0) + 1, nextRunAtMs=None, updatedAtMs=now_ms())
         self.state.put_task(task)
+        payload = task.get("payload") if isinstance(task.get("payload"), dict) else {}
+        error = None
         if FAULTS.get("verify_autonomy_fail"):
-            task.update(state="failed", lastError="agent turn failed (fault verify_autonomy_fail)")
+            error = "agent turn failed (fault verify_autonomy_fail)"
+        elif payload.get("kind") == "agentTurn":
+            try:
+                timeout = (task.get("policy") or {}).get("maxRunTimeoutSeconds") or 600
+                self.chat(str(payload.get("message", "")), timeout=timeout)
+            except LlmError as exc:
+                error = "agent turn failed: %s" % exc
+        if self.stop_event.is_set():
+            return
+        if error is None:
+            task.update(state="done", lastError=None)
+        elif task["attempts"] >= (task.get("policy") or {}).get("maxAttempts", 1):
+            task.update(state="failed", lastError=error)
         else:
-            task.update(state="done", result={"text": "verification-ok"})
+            task.update(state="retry_wait", lastError=error, nextRunAtMs=now_ms() + min(60000, 1000 * 2 ** task["attempts"]))
         task["updatedAtMs"] = now_ms()
         self.state.put_task(task)
+
+
+def public_task(task):
+    """A task as /control/tasks reports it: the DurableTask fields, `attempts` always a number."""
+    return QueueCodec().serialize(task)
 
 
 def rss_bytes():
@@ -951,12 +1820,12 @@ class Routes:
         if path == "/control/status":
             return self.send_json(200, self.gateway.control_status())
         if path == "/control/tasks":
-            return self.send_json(200, {"tasks": self.gateway.state.tasks()})
+            return self.send_json(200, {"tasks": [public_task(t) for t in self.gateway.state.tasks()]})
         match = re.match(r"^/control/tasks/([^/]+)$", path)
         task = self.gateway.state.task(match.group(1)) if match else None
         if task is None:
             return self.send_json(404, {"error": {"code": "not_found", "message": "no such task"}})
-        self.send_json(200, task)
+        self.send_json(200, public_task(task))
 
     def do_POST(self):
         self.read_body()
@@ -988,12 +1857,16 @@ class Routes:
         self.send_json(200, {"ok": True})
 
     def post_chat(self):
-        """Stand-in for the WS `chat.send` roundtrip: a canned local reply, recorded as a session."""
+        """Stand-in for the WS `chat.send` roundtrip (triggerAgent): one model call through the configured provider,
+        recorded as a session and in usage.json. A provider failure answers 502 with the error."""
         if not self.check_auth():
             return
         body = self.read_json() or {}
         message = str(body.get("message", ""))
-        reply = "verification-ok" if message == VERIFY_PROMPT else "ok"
+        try:
+            reply = self.gateway.chat(message)
+        except LlmError as exc:
+            return self.send_json(502, {"ok": False, "error": {"code": "agent_error", "message": str(exc)}})
         session_id = self.gateway.state.record_chat(message, reply)
         self.send_json(200, {"ok": True, "reply": reply, "sessionId": session_id})
 
@@ -1087,9 +1960,10 @@ def cmd_start(argv, *, via_subcommand=True):
                 continue
             log.info("shutdown signal received, stopping gateway")
     except CaraError:
+        gateway.stop_event.set()  # background tasks (the resume task) stop with the failed start
         gateway.release()
         raise
-    gateway.stop()
+    gateway.stop(delay=min(float(FAULTS.get("stop_delay_s", 0)), STOP_DELAY_MAX_S))
     log.info("gateway stopped")
     return 0
 
@@ -1462,10 +2336,11 @@ def ensure_gateway(cfg, port, checks):
     try:
         if not gateway.start():
             raise CaraError("embedded gateway stopped before binding")
-    except CaraError as exc:
+    except CaraError as exc:  # reported as the error's text, like err.to_string() in cara
+        gateway.stop_event.set()
         gateway.release()
-        checks.add("FAIL", "Gateway reachability", "embedded gateway on 127.0.0.1:%d failed to start: %s" % (port, exc),
-                   "start the gateway with `cara start --port %d`" % port)
+        checks.add("FAIL", "Gateway reachability", str(exc),
+                   "start the service (`cara start --port %d`) and retry `cara verify --port %d`" % (port, port))
         return False
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not health_version(port, 2):
@@ -1488,20 +2363,38 @@ def health_version(port, timeout):
         return None
 
 
+LOCAL_CHAT_TIMEOUT_S = 45
+
+
 def verify_local_chat(cfg, port, checks):
+    """`chat.send` with the verify prompt through the gateway (the double's private route), waiting up to 45 s for
+    the agent's reply from the configured provider (spec 1.7, 10)."""
     mode, token, password = gateway_credentials(cfg)
     secret = token if mode == "token" else password
     try:
-        status, _unused, body = http_request("POST", "127.0.0.1", port, "/__double/chat", 45,
+        status, _unused, body = http_request("POST", "127.0.0.1", port, "/__double/chat", LOCAL_CHAT_TIMEOUT_S,
                                              body={"message": VERIFY_PROMPT}, token=secret)
-        reply = json.loads(body).get("reply") if status == 200 else None
-    except (OSError, ValueError):
-        status, reply = None, None
+        answer = json.loads(body) if body else {}
+    except socket.timeout:
+        return checks.add("FAIL", "Local chat roundtrip", "no reply within %ds" % LOCAL_CHAT_TIMEOUT_S,
+                          "check that the LLM provider is reachable and answers in time")
+    except (OSError, ValueError) as exc:
+        return checks.add("FAIL", "Local chat roundtrip", "chat.send failed: %s" % exc,
+                          "check that the gateway is running")
+    answer = answer if isinstance(answer, dict) else {}
+    reply = answer.get("reply") if status == 200 else None
     if reply == "verification-ok":
-        checks.add("PASS", "Local chat roundtrip", "received verification-ok")
+        return checks.add("PASS", "Local chat roundtrip", "received verification-ok")
+    if status in (401, 403):
+        detail = "chat.send was refused (HTTP %d)" % status
+        hint = "check gateway auth (CARAPACE_GATEWAY_TOKEN or gateway.auth.token)"
+    elif status == 200:
+        detail = "unexpected reply %s (wanted verification-ok)" % json.dumps(reply)
+        hint = "check the configured model"
     else:
-        checks.add("FAIL", "Local chat roundtrip", "chat.send roundtrip failed (HTTP %s)" % status,
-                   "check gateway auth (CARAPACE_GATEWAY_TOKEN or gateway.auth.token) and the LLM provider")
+        detail = "agent run failed: %s" % ((answer.get("error") or {}).get("message") or "HTTP %s" % status)
+        hint = "check the LLM provider (providers.ollama.baseUrl, API keys)"
+    checks.add("FAIL", "Local chat roundtrip", detail, hint)
 
 
 def verify_hooks(cfg, port, checks):
@@ -1702,7 +2595,7 @@ def main(argv):
         return exc.code
     except (CaraError, OSError) as exc:
         sys.stdout.flush()  # an unexpected I/O error reads like any other handler error, not a traceback
-        err("Error: %s" % rust_debug(str(exc)))
+        err("Error: %s" % (exc.render() if isinstance(exc, CaraError) else rust_debug(str(exc))))
         return 1
     finally:
         sys.stdout.flush()

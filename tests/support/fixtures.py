@@ -2,6 +2,7 @@
 
 import pytest
 
+from fake_llm import FakeLLM
 from release_server import ReleaseServer
 from sigstore_lab import PrivateSigstore
 
@@ -25,3 +26,20 @@ def release_server(tmp_path):
     root.mkdir()
     with ReleaseServer(root) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def fake_llm():
+    """One fake Ollama-compatible LLM provider on 127.0.0.1 for the whole run (tests/support/fake_llm.py).
+    Configure a host with `providers: {ollama: {baseUrl: fake_llm.base_url}}`. Its faults are reset around every
+    test that uses it; a test that needs a failing or slow provider is better served by its own FakeLLM()."""
+    with FakeLLM() as llm:
+        yield llm
+
+
+@pytest.fixture
+def llm(fake_llm):
+    """The session's fake LLM with its faults reset before and after the test."""
+    fake_llm.set_faults()
+    yield fake_llm
+    fake_llm.set_faults()
