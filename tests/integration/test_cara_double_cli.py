@@ -306,3 +306,87 @@ def test_verify_config_must_load(host):
     assert result.returncode == 1
     assert result.stderr.startswith('Error: "failed to load config: ')
     assert result.stderr.endswith('. Run `cara setup` first."\n')
+
+
+# -- local-chat through the provider (spec 1.7, 10) ------------------------------------------------------------
+
+def chat_host(cara_hosts, cara_flavor, **kwargs):
+    host = cara_hosts(cara_hosts.flavor_versions[cara_flavor], flavor=cara_flavor, **kwargs)
+    host.write_config({"gateway": {"port": host.port, "auth": {"token": "t"}}})
+    return host
+
+
+def test_local_chat_is_a_round_trip_through_the_provider(cara_hosts, cara_flavor, llm):
+    host = chat_host(cara_hosts, cara_flavor)
+    host.start()
+    before = llm.chat_requests
+    result = host.run("verify", "--outcome", "local-chat", env=host.env(CARAPACE_GATEWAY_TOKEN="t"))
+    assert result.returncode == 0, result.stdout
+    assert llm.chat_requests == before + 1
+    assert llm.stats()["last_messages"][-1] == {"role": "user", "content": "Reply with exactly: verification-ok"}
+
+
+def test_local_chat_fails_when_the_provider_fails(cara_hosts, cara_flavor, llm):
+    host = chat_host(cara_hosts, cara_flavor)
+    host.start()
+    llm.set_faults(fail=True)
+    result = host.run("verify", "--outcome", "local-chat")
+    assert result.returncode == 1 and result.stderr == 'Error: "outcome verification failed"\n'
+    assert summary(result)[1].startswith("[FAIL] Local chat roundtrip: agent run failed: Ollama API returned HTTP 500")
+    assert json.loads((host.state / "usage.json").read_text())["totals"]["requests"] == 0
+
+
+def test_local_chat_passes_slowly_with_a_slow_provider(any_host, llm):
+    host = any_host
+    host.write_config({"gateway": {"port": host.port, "auth": {"mode": "none"}}})
+    host.start()
+    llm.set_faults(delay_s=3.0)
+    result = host.run("verify", "--outcome", "local-chat")
+    assert result.returncode == 0 and summary(result)[1] == "[PASS] Local chat roundtrip: received verification-ok"
+
+
+def test_local_chat_fails_when_the_provider_is_down(any_host):
+    host = any_host
+    host.write_config({"gateway": {"port": host.port, "auth": {"mode": "none"}},
+                       "providers": {"ollama": {"baseUrl": "http://127.0.0.1:%d" % host.free_port()}}})
+    host.start()
+    result = host.run("verify")
+    assert result.returncode == 1
+    assert summary(result)[1].startswith("[FAIL] Local chat roundtrip: agent run failed: Ollama request to ")
+
+
+def test_local_chat_with_a_provider_the_double_cannot_call(any_host):
+    host = any_host
+    host.write_config({"gateway": {"port": host.port, "auth": {"mode": "none"}}, "providers": {}})
+    host.start(env=host.env(ANTHROPIC_API_KEY="sk-test"))
+    result = host.run("verify")
+    assert result.returncode == 1 and "the anthropic provider is configured" in summary(result)[1]
+
+
+def test_local_chat_reply_must_be_exact(any_host):
+    """A provider that answers something else fails the check (the fake repeats only `Reply with exactly: X`)."""
+    host = any_host
+    host.write_config({"gateway": {"port": host.port, "auth": {"mode": "none"}}})
+    host.start()
+    status, _headers, body = host.get("/__double/chat", method="POST", body={"message": "hello"})
+    assert status == 200 and json.loads(body)["reply"] == "Hello from the fake LLM."
+
+
+def test_embedded_gateway_without_provider(cara_hosts, cara_flavor):
+    host = chat_host(cara_hosts, cara_flavor, llm=False)
+    result = host.run("verify", "--outcome", "local-chat")
+    assert result.returncode == 1
+    assert summary(result)[0].startswith("[FAIL] Gateway reachability: No LLM provider configured. Configure at least")
+    assert host.get("/health") is None and not (host.state / "daemon.pid").exists()
+
+
+def test_embedded_gateway_pid_guard_is_head_only(cara_hosts, cara_flavor, llm):
+    """While verify's embedded gateway runs, HEAD has daemon.pid and the lock; v0.8.0 has neither."""
+    host = chat_host(cara_hosts, cara_flavor)
+    llm.set_faults(delay_s=1.5)
+    proc = host.spawn("verify", "--outcome", "local-chat", env=host.env(CARAPACE_GATEWAY_TOKEN="t"))
+    host.wait_for(lambda: host.get("/health"), what="the embedded gateway")
+    assert (host.state / "daemon.pid").exists() == (cara_flavor == "head")
+    assert (host.state / ".matrix-rekey.lock.lock").exists() == (cara_flavor == "head")
+    assert proc.wait(timeout=60) == 0
+    assert not (host.state / "daemon.pid").exists()
