@@ -90,7 +90,7 @@ def test_flavors_and_the_faulty_release(built):
     _root, manifest, _server = built
     assert {t: r["flavor"] for t, r in manifest["releases"].items()} == {
         "v0.7.0": "v0.8.0", "v0.8.0": "v0.8.0", "v0.9.0": "head", "v0.9.1": "head"}
-    assert manifest["releases"]["v0.9.1"]["faults"] == {"migrate_state": 2, "ready_never": True}
+    assert manifest["releases"]["v0.9.1"]["faults"] == {"migrate_state": True, "ready_never": True}
     assert all(not manifest["releases"][t]["faults"] for t in ("v0.7.0", "v0.8.0", "v0.9.0"))
 
 
@@ -130,13 +130,14 @@ def run_fleetctl(*args, timeout=120):
                           check=False, env=dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]))
 
 
-def test_fleetctl_releases_fleet_start_stop(tmp_path):
+def test_fleetctl_releases_fleet_start_stop(tmp_path, llm):
     rel, fleet = tmp_path / "rel", tmp_path / "fleet"
     out = run_fleetctl("releases", "--out", str(rel), "--tags", "v0.8.0,v0.9.0")
     assert out.returncode == 0, out.stderr
     assert json.loads((rel / "releases.json").read_text())["releases"].keys() == {"v0.8.0", "v0.9.0"}
     assert (rel / "trusted_root.json").is_file()
-    out = run_fleetctl("fleet", "--hosts", "2", "--dir", str(fleet), "--install", "v0.8.0", "--releases", str(rel))
+    out = run_fleetctl("fleet", "--hosts", "2", "--dir", str(fleet), "--install", "v0.8.0", "--releases", str(rel),
+                       "--llm-url", llm.base_url, "--github-url", "http://127.0.0.1:9")
     assert out.returncode == 0, out.stderr
     text = "".join(line for line in (fleet / "inventory.yml").read_text().splitlines(True) if not line.startswith("#"))
     inv = json.loads(text)
@@ -146,17 +147,38 @@ def test_fleetctl_releases_fleet_start_stop(tmp_path):
     for hv in hosts.values():
         assert os.readlink(hv["cara_bin_path"]).endswith("/releases/v0.8.0/cara")
         assert oct(os.stat(hv["cara_state_dir"]).st_mode & 0o777) == "0o700"
+        assert hv["cara_service_environment"] == {"CARA_DOUBLE_GITHUB_URL": "http://127.0.0.1:9"}
+        assert 'ollama: { baseUrl: "%s" }' % llm.base_url in open(hv["cara_config_path"], encoding="utf-8").read()
     out = run_fleetctl("start", "--dir", str(fleet))
     try:
         assert out.returncode == 0, out.stdout + out.stderr
         for hv in hosts.values():
             with urllib.request.urlopen("http://127.0.0.1:%d/health" % hv["cara_port"], timeout=10) as resp:
                 assert json.loads(resp.read())["version"] == "0.8.0"
+            # v0.8.0 writes no daemon.pid: fleetctl keeps the pid in <run dir>/cara.pid
+            assert not os.path.exists(os.path.join(hv["cara_state_dir"], "daemon.pid"))
+            pid = int(open(os.path.join(hv["cara_run_dir"], "cara.pid"), encoding="utf-8").read())
+            assert open("/proc/%d/cmdline" % pid, "rb").read().split(b"\0")[1] == hv["cara_bin_path"].encode()
     finally:
         stop = run_fleetctl("stop", "--dir", str(fleet))
     assert stop.returncode == 0 and stop.stdout.count("stopped") == 2
     for hv in hosts.values():
-        assert not os.path.exists(os.path.join(hv["cara_state_dir"], "daemon.pid"))
+        assert not os.path.exists(os.path.join(hv["cara_run_dir"], "cara.pid"))
+    assert run_fleetctl("stop", "--dir", str(fleet)).stdout.count("not running") == 2
+
+
+def test_fleetctl_llm():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, FLEETCTL, "llm", "--port", str(port)],  # pylint: disable=consider-using-with
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert "fake LLM (Ollama API) at http://127.0.0.1:%d" % port in proc.stdout.readline()
+        with urllib.request.urlopen("http://127.0.0.1:%d/api/tags" % port, timeout=10) as resp:
+            assert json.loads(resp.read())["models"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        proc.stdout.close()
 
 
 def test_fleetctl_serve(tmp_path, lab):

@@ -28,9 +28,10 @@ DEFAULT_TAGS = ("v0.7.0", "v0.8.0", "v0.9.0", "v0.9.1")
 # the same program, told apart by a trailing comment so that every asset has its own digest.
 ASSET_NAMES = ("cara-x86_64-linux", "cara-aarch64-linux", "cara-x86_64-darwin", "cara-aarch64-darwin",
                "cara-x86_64-windows.exe")
-# v0.9.1 is the faulty release of the drills: it migrates the state on first start (v0.9.0 and older then refuse
-# it until the backup is restored) and never becomes ready, so it fails any health gate.
-DEFAULT_FAULTS = {"v0.9.1": {"migrate_state": 2, "ready_never": True}}
+# v0.9.1 is the faulty release of the drills: its first start migrates tasks/queue.json to a shape older releases
+# cannot parse (`attempts` becomes {"count": n}; v0.9.0 and older then refuse to start until the pre-upgrade backup
+# is restored) and it never becomes ready, so it fails any health gate.
+DEFAULT_FAULTS = {"v0.9.1": {"migrate_state": True, "ready_never": True}}
 
 NOTES_SECTIONS = ("Summary", "Breaking Changes", "Migration Steps", "Rollback Steps", "Security", "Verification",
                   "Known Caveats")
