@@ -91,15 +91,16 @@ def test_sigterm_during_slow_start_exits_0(faulty):
 def test_stop_delay(faulty):
     """Shutdown takes stop_delay_s after SIGTERM (spec 10: up to ~5 s audit drain + 5 s + 2 s): the port is
     closed at once, the process (and HEAD's daemon.pid and lock) stay until the delay is over, then exit 0."""
-    host = faulty(stop_delay_s=2.0)
+    host = faulty(stop_delay_s=6.0)
     proc = host.start()
+    signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     host.wait_for(lambda: "shutdown: draining" in host.stdout(proc), what="the drain log line")
-    assert proc.poll() is None  # still shutting down
+    assert host.get("/health") is None  # no longer listening
+    assert proc.poll() is None  # but still shutting down
     assert (host.state / "daemon.pid").exists() == (host.flavor == "head")
-    started = time.monotonic()
-    assert proc.wait(timeout=20) == 0
-    assert time.monotonic() - started > 0.5  # the rest of the 2 s delay was spent before exiting
+    assert proc.wait(timeout=30) == 0
+    assert time.monotonic() - signalled >= 6.0  # it cannot exit before the delay is over
     assert not (host.state / "daemon.pid").exists()
 
 

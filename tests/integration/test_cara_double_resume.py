@@ -153,12 +153,12 @@ def test_v080_unknown_state_does_not_parse(cara_hosts, github):
 
 
 def test_resume_runs_inside_the_embedded_gateway_of_verify(cara_hosts, llm):
-    """verify's embedded gateway runs the same startup, auto-resume included (spec 3.6); a slow chat keeps it up
-    past the 1 s delay."""
+    """verify's embedded gateway runs the same startup, auto-resume included (spec 3.6); a slow chat (4 s) keeps it
+    up well past the resume task's 1 s delay."""
     host = cara_hosts("0.8.0")
     host.write_config({"gateway": {"port": host.port, "auth": {"mode": "none"}}})
     tx_path = write_tx(host, "0.9.0")
-    llm.set_faults(delay_s=2.5)
+    llm.set_faults(delay_s=4.0)
     result = host.run("verify", "--outcome", "local-chat", env=env_with(host))
     assert result.returncode == 0, result.stdout + result.stderr
     [seen] = starts(host)
