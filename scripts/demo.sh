@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make demo: the collection's main job on an embedded local fleet, end to end, on this machine only.
 #   1. signed releases of the cara test double (v0.7.0 .. faulty v0.9.1) and a private test Sigstore
-#   2. a release server on 127.0.0.1, laid out as GitHub serves releases
+#   2. a release server on 127.0.0.1, laid out as GitHub serves releases, and a fake Ollama-compatible LLM
+#      provider (cara refuses to start without one; `cara verify --outcome auto` makes a model call through it)
 #   3. five local hosts (own state dir, port, install root, service script), v0.8.0 installed and running
 #   4. ansible-playbook carapace.fleet.upgrade to v0.9.0, canary first, in batches
 #   5. ansible-playbook carapace.fleet.rollback_drill with the faulty v0.9.1 on one host: its gate fails, it is
@@ -16,9 +17,16 @@ export ANSIBLE_COLLECTIONS_PATH="$PWD/.collections" ANSIBLE_HOME="$PWD/$DEMO/.an
 export PATH="$PWD/.venv/bin:$PATH"
 
 server_pid=""
+llm_pid=""
 cleanup() {
-    $FLEETCTL stop --dir "$DEMO/fleet" >/dev/null 2>&1 || true
-    if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+    if [ -f "$DEMO/fleet/inventory.yml" ]; then
+        # the service scripts the roles installed first (they own their pid files), then fleetctl for the rest
+        for script in "$DEMO"/fleet/hosts/*/run/cara-service; do [ -x "$script" ] && "$script" stop >/dev/null 2>&1; done
+        $FLEETCTL stop --dir "$DEMO/fleet" >/dev/null 2>&1 || true
+    fi
+    for pid in "$server_pid" "$llm_pid"; do
+        if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+    done
 }
 trap cleanup EXIT
 
@@ -35,8 +43,17 @@ $FLEETCTL serve --root "$DEMO/releases" --port "$port" > "$DEMO/server.log" 2>&1
 server_pid=$!
 for _ in $(seq 50); do grep -q serving "$DEMO/server.log" 2>/dev/null && break; sleep 0.1; done
 
+llm_port=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+step "A fake Ollama-compatible LLM provider on http://127.0.0.1:$llm_port"
+$PY tests/support/fake_llm.py --port "$llm_port" > "$DEMO/llm.log" 2>&1 &
+llm_pid=$!
+for _ in $(seq 50); do grep -q "fake LLM" "$DEMO/llm.log" 2>/dev/null && break; sleep 0.1; done
+
 step "Creating a local fleet of 5 hosts with v0.8.0 installed and running"
-$FLEETCTL fleet --hosts 5 --dir "$DEMO/fleet" --install v0.8.0 --releases "$DEMO/releases"
+# --github-url is the double's stand-in for GitHub: a v0.8.0 that found an open update transaction at start would
+# download and apply it from there by itself, as the real one does; the collection must never let that happen.
+$FLEETCTL fleet --hosts 5 --dir "$DEMO/fleet" --install v0.8.0 --releases "$DEMO/releases" \
+    --llm-url "http://127.0.0.1:$llm_port" --github-url "http://127.0.0.1:$port"
 $FLEETCTL start --dir "$DEMO/fleet"
 
 common=(-i "$DEMO/fleet/inventory.yml"

@@ -159,12 +159,16 @@ def test_cara_health_skips_autonomy_without_control_and_check_mode_skips_verify(
     assert res["skipped"] == {"verify_autonomy": skipped["detail"]}
 
     if flavor == "head":  # check mode once: read-only checks run, verify is skipped with the reason
-        tasks_before = (host.state / "tasks" / "queue.json").read_bytes()
+        def traces():  # what `cara verify` would write: a control task, a chat session, usage counters
+            return {str(p): p.read_bytes() for p in sorted(host.state.rglob("*"))
+                    if p.is_file() and p.relative_to(host.state).parts[0] in ("tasks", "sessions", "usage.json")}
+        tasks_before = traces()
+        assert tasks_before  # verify auto (a chat round trip) just wrote a session and usage
         rc, res, out = run_module(tmp_path, "carapace.fleet.cara_health", health_args(host), check=True)
         assert rc == 0 and res["passed"] is True and res["changed"] is False, out
         assert [res["checks"][c]["result"] for c in ("health", "ready", "status")] == ["pass"] * 3
         assert res["checks"]["verify_auto"]["result"] == "skip" and "check mode" in res["skipped"]["verify_auto"]
-        assert (host.state / "tasks" / "queue.json").read_bytes() == tasks_before
+        assert traces() == tasks_before
 
 
 def test_cara_health_ready_never_fails_at_the_deadline(tmp_path, cara_hosts, flavor):

@@ -6,13 +6,18 @@
     fleet.stop()
 """
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import fleetctl
-from release_factory import build_releases
+from fake_llm import FakeLLM
+from release_factory import build_releases, release_dir
 from release_server import ReleaseServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,19 +36,67 @@ def releases_for(lab, cache_dir):
     return _RELEASES[key]
 
 
+def state_files(hv):
+    """{relative path: bytes} of a host's state dir, minus what the daemon rewrites by merely running."""
+    out = {}
+    root = hv["cara_state_dir"]
+    for top, _dirs, files in os.walk(root):
+        for name in files:
+            rel = os.path.relpath(os.path.join(top, name), root)
+            # the daemon's own files, our update bookkeeping, and cara's append-only audit log (never rolled back)
+            if rel in ("daemon.pid", "audit.jsonl") or rel.endswith(".lock") or rel.startswith("updates" + os.sep):
+                continue
+            with open(os.path.join(top, name), "rb") as f:
+                out[rel] = f.read()
+    return out
+
+
+def task_ids(files):
+    """The ids of the tasks in tasks/queue.json (a bare JSON array, as cara persists it) of a state_files() map."""
+    data = files.get(os.path.join("tasks", "queue.json"))
+    return {task["id"] for task in json.loads(data)} if data else set()
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 class LocalFleet:
-    """Releases + a loopback release server + N local hosts with their daemons running."""
+    """Releases + a loopback release server + a fake LLM provider + N local hosts with their daemons running.
+
+    Each host's double can apply an open update transaction by itself at start, as v0.8.0 does: its "GitHub" is
+    this fleet's release server. Each start of a daemon is recorded in <host>/starts.jsonl with the transaction
+    it found (`starts()`, `assert_starts_terminal()`).
+    """
 
     def __init__(self, base, releases, hosts=3, install="v0.8.0", start=True):
         self.base = str(base)
         self.releases = releases
         self.server = ReleaseServer(releases).start()
-        self.hosts = fleetctl.make_fleet(os.path.join(self.base, "fleet"), hosts, install=install, releases=releases)
+        self.llm = FakeLLM().start()
+        self.hosts = fleetctl.make_fleet(os.path.join(self.base, "fleet"), hosts, install=install, releases=releases,
+                                         llm_url=self.llm.base_url, github_url=self.server.url)
         self.inventory = os.path.join(self.base, "fleet", "inventory.yml")
+        self._record_starts()
         self.report_dir = os.path.join(self.base, "report")
         self.runs = 0
         if start:
             self.start()
+
+    def _record_starts(self):
+        """Every host's daemon (started by fleetctl or by the roles' service script) logs each start it makes."""
+        with open(self.inventory, encoding="utf-8") as f:
+            header = f.readline()
+            inventory = json.load(f)
+        for name, hv in inventory["all"]["children"]["cara_fleet"]["hosts"].items():
+            env = dict(hv.get("cara_service_environment") or {})
+            env["CARA_DOUBLE_START_LOG"] = os.path.join(self.base, "fleet", "hosts", name, "starts.jsonl")
+            hv["cara_service_environment"] = env
+        with open(self.inventory, "w", encoding="utf-8") as f:
+            f.write(header)
+            json.dump(inventory, f, indent=2, sort_keys=True)
+            f.write("\n")
 
     def hostvars(self):
         return fleetctl.load_hosts(os.path.join(self.base, "fleet"))
@@ -53,10 +106,100 @@ class LocalFleet:
             if not names or name in names:
                 fleetctl.start_host(hv)
 
+    def stop_daemons(self, names=None):
+        """Stop the hosts' daemons, whoever started them (fleetctl or the service script share the pid file)."""
+        for name, hv in self.hostvars().items():
+            if not names or name in names:
+                fleetctl.stop_host(hv)
+
     def stop(self):
-        for hv in self.hostvars().values():
-            fleetctl.stop_host(hv)
+        self.stop_daemons()
         self.server.stop()
+        self.llm.stop()
+
+    def reboot(self, name):
+        """The host restarts cara by itself (a reboot): the daemon goes, and its service starts it again."""
+        hv = self.hostvars()[name]
+        fleetctl.stop_host(hv)
+        script = os.path.join(hv["cara_run_dir"], "cara-service")
+        proc = subprocess.run([script, "start"], capture_output=True, text=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            raise AssertionError("%s start failed: %s" % (script, proc.stdout + proc.stderr))
+        return proc.stdout + proc.stderr
+
+    def starts(self, name):
+        """What each start of the host's daemon found in updates/transaction.json (the double's start log)."""
+        path = os.path.join(self.base, "fleet", "hosts", name, "starts.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def assert_starts_terminal(self, guard_may_act=()):
+        """No daemon ever started on a transaction it would resume by itself (applied, or failed for good), and the
+        roles made it terminal themselves: the service's start guard (the last line of defence, for starts outside
+        a run such as a reboot) never had to, but on the hosts named in guard_may_act."""
+        for name, hv in self.hostvars().items():
+            log = os.path.join(hv["cara_run_dir"], "cara.log")
+            if name not in guard_may_act and os.path.exists(log):
+                with open(log, encoding="utf-8", errors="replace") as f:
+                    acted = [line for line in f if line.startswith("cara-start-guard:")]
+                assert not acted, "%s: the start guard had to close a transaction the roles left open: %s" % (name, acted)
+            for entry in self.starts(name):
+                tx = entry.get("transaction")
+                if tx is None or tx.get("state") == "applied":
+                    continue
+                resumable = tx.get("state") == "in_progress" or (
+                    tx.get("state") == "failed" and tx.get("retryable") and tx.get("attempt", 0) < tx.get("maxAttempts", 3))
+                assert not resumable, "%s: cara %s started on an open transaction: %s" % (name, entry.get("version"), tx)
+
+    def release_intact(self, name, tag, asset="cara-x86_64-linux"):
+        """The host's kept release `tag` still holds exactly the bytes published for it."""
+        kept = os.path.join(self.hostvars()[name]["cara_install_root"], "releases", tag, "cara")
+        return _sha256(kept) == _sha256(os.path.join(release_dir(self.releases, "puremachinery/carapace", tag), asset))
+
+    def token(self, name):
+        """The host's gateway token (from its config)."""
+        import json5  # pylint: disable=import-outside-toplevel
+        with open(self.hostvars()[name]["cara_config_path"], encoding="utf-8") as f:
+            return json5.load(f)["gateway"]["auth"]["token"]
+
+    def kill_run_at(self, playbook, phase, host="cara-01", timeout=600, **extra):
+        """Run a playbook and SIGKILL it (its whole process group) once `host`'s transaction reaches `phase`.
+        Returns the phase the transaction was left at."""
+        self.runs += 1
+        vars_file = os.path.join(self.base, "vars-%d.json" % self.runs)
+        with open(vars_file, "w", encoding="utf-8") as f:
+            json.dump(self.extra_vars(**extra), f)
+        cmd = [os.path.join(BIN, "ansible-playbook"), "-i", self.inventory, "carapace.fleet.%s" % playbook,
+               "-e", "@" + vars_file]
+        path = os.path.join(self.hostvars()[host]["cara_state_dir"], "updates", "transaction.json")
+        with open(os.path.join(self.base, "run-%d.log" % self.runs), "w", encoding="utf-8") as log:
+            proc = subprocess.Popen(cmd, cwd=self.base, env=self._env(), stdout=log, stderr=log,  # pylint: disable=consider-using-with
+                                    start_new_session=True)
+        done = threading.Event()
+
+        def watch():
+            while not done.is_set():
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        if json.load(f).get("phase") == phase:
+                            os.killpg(proc.pid, signal.SIGKILL)
+                            return
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.02)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            done.set()
+            watcher.join()
+        if proc.returncode != -signal.SIGKILL:
+            raise AssertionError("the run ended (rc %s) before %s reached %s" % (proc.returncode, host, phase))
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["phase"]
 
     def extra_vars(self, **overrides):
         values = {
@@ -78,14 +221,17 @@ class LocalFleet:
             json.dump(self.extra_vars(**extra), f)
         cmd = [os.path.join(BIN, "ansible-playbook"), "-i", self.inventory, "carapace.fleet.%s" % name,
                "-e", "@" + vars_file] + list(args)
-        env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=COLLECTIONS, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
-                   ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_HOME=os.path.join(self.base, ".ansible"), ANSIBLE_PIPELINING="1",
-                   ANSIBLE_LOCAL_TEMP=os.path.join(self.base, ".ansible", "tmp"), ANSIBLE_DEPRECATION_WARNINGS="0",
-                   PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
-        proc = subprocess.run(cmd, cwd=self.base, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(cmd, cwd=self.base, env=self._env(), capture_output=True, text=True, timeout=timeout,
+                              check=False)
         with open(os.path.join(self.base, "run-%d.log" % self.runs), "w", encoding="utf-8") as f:
             f.write(proc.stdout + proc.stderr)
         return proc.returncode, proc.stdout + proc.stderr
+
+    def _env(self):
+        return dict(os.environ, ANSIBLE_COLLECTIONS_PATH=COLLECTIONS, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+                    ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_HOME=os.path.join(self.base, ".ansible"), ANSIBLE_PIPELINING="1",
+                    ANSIBLE_LOCAL_TEMP=os.path.join(self.base, ".ansible", "tmp"), ANSIBLE_DEPRECATION_WARNINGS="0",
+                    PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
 
     def report(self, report_dir=None):
         with open(os.path.join(report_dir or self.report_dir, "report.json"), encoding="utf-8") as f:
