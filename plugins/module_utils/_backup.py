@@ -55,10 +55,10 @@ DEFAULT_SNAPSHOT_EXCLUDE = ("updates", "audit.jsonl")
 CARA_SECTIONS = ("sessions", "config", "memory", "cron", "tasks", "usage")
 _CHUNK = 1 << 20
 DIFF_LIMIT = 200  # paths shown in a restore's diff
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _UNSAFE_VERSION_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 # The release-tag shape of _verify.check_tag, repeated here so host-side modules do not import sigstore.
-_TAG_RE = re.compile(r"^v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z][0-9A-Za-z.-]*)?$")
+_TAG_RE = re.compile(r"v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z][0-9A-Za-z.-]*)?")
 
 
 class BackupError(Exception):
@@ -87,7 +87,7 @@ def iso(moment):
 
 def check_tag(tag):
     """Raise BackupError(bad_argument) unless tag is a release tag, vMAJOR.MINOR.PATCH[-pre]."""
-    if not isinstance(tag, str) or not _TAG_RE.match(tag):
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
         raise BackupError("bad_argument", "tag %r is not a Carapace release tag: expected vMAJOR.MINOR.PATCH, e.g. "
                           "v0.9.0 (previews: v0.9.0-preview1)." % (tag,))
     return tag
@@ -276,7 +276,7 @@ def check_trusted_dir(path):
 
 def _valid_entry(entry):
     return (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("sha256"), str)
-            and _HEX64.match(entry["sha256"]) and isinstance(entry.get("created_epoch"), int)
+            and _HEX64.fullmatch(entry["sha256"]) and isinstance(entry.get("created_epoch"), int)
             and isinstance(entry.get("tag"), str))
 
 

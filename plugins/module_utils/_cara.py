@@ -30,8 +30,8 @@ DAEMON_LOCK = ".matrix-rekey.lock.lock"
 PID_FILE = "daemon.pid"
 SECRET_KEY_RE = re.compile(r"(token|password|secret|apikey|api_key|passphrase|credential|private)", re.I)
 REDACTED = "********"
-_VERSION_RE = re.compile(r"^cara (\S+)\s*$")
-_CHECK_RE = re.compile(r"^\[(PASS|FAIL|SKIP)\] ([^:]+): ?(.*)$")
+_VERSION_RE = re.compile(r"cara (\S+)\s*")
+_CHECK_RE = re.compile(r"\[(PASS|FAIL|SKIP)\] ([^:]+): ?(.*)")
 
 
 class CaraError(Exception):
@@ -161,7 +161,7 @@ def pid_alive(pid):
 def parse_version(text):
     """`cara 0.9.0` -> "0.9.0" (first line of `cara --version`), else None."""
     first = (text or "").strip().splitlines()[:1]
-    match = _VERSION_RE.match(first[0]) if first else None
+    match = _VERSION_RE.fullmatch(first[0]) if first else None
     return match.group(1) if match else None
 
 
@@ -180,7 +180,7 @@ def parse_verify(text):
     result = {"outcome": None, "port": None, "checks": [], "passed": False, "skipped": False}
     for line in (text or "").splitlines():
         stripped = line.strip()
-        match = _CHECK_RE.match(stripped)
+        match = _CHECK_RE.fullmatch(stripped)
         if match:
             result["checks"].append({"result": match.group(1), "name": match.group(2).strip(),
                                      "detail": match.group(3).strip(), "next_step": None})

@@ -21,7 +21,7 @@ from ansible_collections.carapace.fleet.plugins.module_utils._backup import sha2
 
 SWITCH_STATE = "state.json"  # written by cara_switch in install_root
 MARKER_MAX_BYTES = 64 * 1024  # cara reads its update markers capped at 64 KiB (section 3.1)
-_TAG_KEY = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)(?:-(.*))?$")
+_TAG_KEY = re.compile(r"v?(\d+)\.(\d+)\.(\d+)(?:-(.*))?")
 
 
 def read_json_marker(path):
@@ -104,7 +104,7 @@ def binary_facts(bin_path):
 
 
 def _tag_key(tag):
-    match = _TAG_KEY.match(tag)
+    match = _TAG_KEY.fullmatch(tag)
     if not match:
         return (1, (), tag)
     major, minor, patch, pre = match.groups()

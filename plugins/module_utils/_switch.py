@@ -36,8 +36,8 @@ STATE_FILE = "state.json"
 LOCK_FILE = ".switch.lock"
 SCHEMA_VERSION = 1
 BINARY_NAME = "cara"
-_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-_HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
 _CHUNK = 1 << 20
 
 
@@ -52,14 +52,14 @@ class SwitchError(Exception):
 
 def check_tag(tag):
     """A release directory name: letters, digits, `._+-`, not starting with a dot (no paths, no `..`)."""
-    if not isinstance(tag, str) or not _TAG_RE.match(tag):
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
         raise SwitchError("bad_argument", "tag %r is not usable as a release directory name: expected something like "
                                           "v0.9.0 (letters, digits and ._+- only, not starting with a dot)" % (tag,))
     return tag
 
 
 def check_sha256(digest):
-    if not isinstance(digest, str) or not _HEX64_RE.match(digest.strip()):
+    if not isinstance(digest, str) or not _HEX64_RE.fullmatch(digest.strip()):
         raise SwitchError("bad_argument", "sha256 %r is not 64 hex digits: pass the digest cara_release verified" % (digest,))
     return digest.strip().lower()
 
@@ -232,7 +232,7 @@ class Switcher:
         """The tag when target is <releases_dir>/<tag>/cara (also through a symlinked install_root), else None."""
         for root in (self.releases_dir, os.path.realpath(self.releases_dir)):
             parent, name = os.path.split(target)
-            if name == BINARY_NAME and os.path.dirname(parent) == root and _TAG_RE.match(os.path.basename(parent)):
+            if name == BINARY_NAME and os.path.dirname(parent) == root and _TAG_RE.fullmatch(os.path.basename(parent)):
                 return os.path.basename(parent)
         return None
 
@@ -268,7 +268,7 @@ class Switcher:
         found = []
         for name in names:
             path = os.path.join(self.releases_dir, name)
-            if name.startswith(".") or not _TAG_RE.match(name) or os.path.islink(path) or not os.path.isdir(path):
+            if name.startswith(".") or not _TAG_RE.fullmatch(name) or os.path.islink(path) or not os.path.isdir(path):
                 continue
             try:
                 mtime = os.lstat(os.path.join(path, BINARY_NAME)).st_mtime_ns
@@ -359,7 +359,7 @@ class Switcher:
         version = self.version_of(self.bin_path) if self.version_of else None
         sha8 = cur["sha256"][:8]
         base = ("v" + version) if version else ("unknown-" + sha8)
-        if not _TAG_RE.match(base):
+        if not _TAG_RE.fullmatch(base):
             base = "unknown-" + sha8
         for candidate in (base, "%s-%s" % (base, sha8)):
             existing = new_digest if candidate == new_tag else self.installed_digest(candidate)
