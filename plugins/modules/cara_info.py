@@ -290,6 +290,7 @@ platform_asset:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _hostinfo
+from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
 def main():
@@ -304,6 +305,9 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    problem = path_problem(p)
+    if problem:
+        module.fail_json(msg=problem, cause="bad_argument")
     facts = _hostinfo.gather(p["bin_path"], p["state_dir"], p["config_path"], p["install_root"], p["backup_dir"],
                              runner=_cara.tolerant_module_runner(module))
     module.exit_json(changed=False, **facts)

@@ -155,6 +155,7 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara
+from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
 def main():
@@ -172,6 +173,9 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    problem = path_problem(p)
+    if problem:
+        module.fail_json(msg=problem, cause="bad_argument")
     cli = _cara.CaraCLI(p["bin_path"], p["state_dir"], p["config_path"], runner=_cara.tolerant_module_runner(module))
     job = _backup.HostRestore(cli, p["state_dir"], p["backup_dir"], backup=p["backup"], tag=p["tag"],
                               allow_unindexed=p["allow_unindexed"], restore_snapshot=p["restore_snapshot"])
