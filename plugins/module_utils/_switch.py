@@ -18,6 +18,7 @@ names are `.<name>.switch-<random>` and exist only for the instant between symli
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -65,11 +66,20 @@ def check_sha256(digest):
 
 
 def _open_regular(path, follow=True):
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
-    fd = os.open(path, flags)
+    """A read fd on the regular file at path. O_NONBLOCK: opening a FIFO (or a device) must not wait for a writer;
+    the type is checked on the open fd before any byte is read. Without follow, a symlink is refused (ELOOP)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise SwitchError("not_a_file", "%s is a symlink, not a regular file: point it at the verified file itself"
+                          % path) from exc
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise SwitchError("not_a_file", "%s is not a regular file" % path)
+    os.set_blocking(fd, True)
     return fd
 
 
@@ -117,7 +127,7 @@ def install_file(src, dest, expected):
     directory = os.path.dirname(dest)
     makedirs(directory)
     try:
-        src_fd = _open_regular(src)
+        src_fd = _open_regular(src, follow=False)
     except FileNotFoundError as exc:
         raise SwitchError("missing_src", "src %s does not exist: copy the verified file there first" % src) from exc
     fd, tmp = tempfile.mkstemp(prefix=".%s.switch-" % os.path.basename(dest), dir=directory)
@@ -388,7 +398,7 @@ class Switcher:
         installed = self.installed_digest(tag)
         # The staged file must verify, even when the release is installed already.
         if src and os.path.lexists(src):
-            src_digest = hash_file(src)
+            src_digest = hash_file(src, follow=False)
             if src_digest != sha256:
                 raise SwitchError("digest_mismatch", "src %s has sha256 %s, expected %s: refusing to install it, nothing was "
                                                      "switched (active: %s). Fetch and verify the release again (cara_release)."

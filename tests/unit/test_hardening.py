@@ -3,6 +3,10 @@
 Each test names the item of the issue it covers.
 """
 
+import hashlib
+import os
+import threading
+
 import pytest
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _switch, _verify, _version
@@ -29,3 +33,47 @@ def test_item11_repo_and_digest_patterns_match_the_whole_string():
         _verify.check_repo("owner/name\n")
     assert _verify.parse_sha256sums("%s  cara\n" % ("a" * 64)) == {"cara": ["a" * 64]}
     assert _verify.parse_sha256sums("%s\n  cara\n" % ("a" * 64)) == {}
+
+
+# -- item 8: a FIFO at src does not hang cara_switch ---------------------------------------------------------------
+
+def _in_thread(func):
+    """Run func in a thread; if it blocks, unblock a FIFO reader by opening the FIFO for writing, and say so."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = func()
+        except Exception as exc:  # the test inspects what was raised
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(30)
+    return worker, outcome
+
+
+@pytest.mark.parametrize("state", ["present", "installed"])
+def test_item8_a_fifo_at_src_is_refused_not_read(tmp_path, state):
+    fifo = tmp_path / "cara-fifo"
+    os.mkfifo(fifo)
+    switcher = _switch.Switcher(str(tmp_path / "opt"), str(tmp_path / "cara"), version_of=lambda path: None)
+    worker, outcome = _in_thread(lambda: switcher.present(str(fifo), "a" * 64, "v0.9.0", switch=state == "present"))
+    if worker.is_alive():  # release the blocked open so the thread ends, then fail
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        worker.join(30)
+        pytest.fail("cara_switch blocked opening the FIFO at src")
+    assert isinstance(outcome.get("error"), _switch.SwitchError), outcome
+    assert outcome["error"].cause == "not_a_file"
+    assert "not a regular file" in outcome["error"].message
+
+
+def test_item8_src_that_is_a_symlink_is_refused(tmp_path):
+    real = tmp_path / "real"
+    real.write_bytes(b"x")
+    link = tmp_path / "link"
+    os.symlink(real, link)
+    with pytest.raises(_switch.SwitchError) as info:
+        _switch.install_file(str(link), str(tmp_path / "dest" / "cara"), hashlib.sha256(b"x").hexdigest())
+    assert info.value.cause == "not_a_file"
