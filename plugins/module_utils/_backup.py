@@ -36,7 +36,7 @@ import tarfile
 import tempfile
 import time
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _cara
+from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _safejson
 from ansible_collections.carapace.fleet.plugins.module_utils._digest import sha256_file
 
 CARA_MARKER = ".carapace-backup"
@@ -302,7 +302,7 @@ def read_index(backup_dir):
         problem = "larger than %d bytes" % MAX_INDEX_BYTES
     else:
         try:
-            index = json.loads(data.decode("utf-8"))
+            index = _safejson.loads(data.decode("utf-8"))
         except ValueError as exc:
             problem = "not JSON (%s)" % exc
         else:

@@ -11,12 +11,11 @@ holds a secret found anywhere in the config).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara
+from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara, _safejson
 from ansible_collections.carapace.fleet.plugins.module_utils._backup import sha256_file
 
 SWITCH_STATE = "state.json"  # written by cara_switch in install_root
@@ -45,7 +44,7 @@ def read_json_marker(path):
     if len(data) > MARKER_MAX_BYTES:
         return None, "%s is larger than %d bytes (cara refuses it too)" % (path, MARKER_MAX_BYTES)
     try:
-        value = json.loads(data.decode("utf-8"))
+        value = _safejson.loads(data.decode("utf-8"))
     except ValueError as exc:
         return None, "%s is corrupt: not JSON (%s)" % (path, exc)
     if not isinstance(value, dict):

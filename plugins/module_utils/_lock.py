@@ -16,6 +16,7 @@ import os
 import socket
 import time
 
+from ansible_collections.carapace.fleet.plugins.module_utils import _safejson
 from ansible_collections.carapace.fleet.plugins.module_utils._cara import pid_alive
 
 
@@ -66,7 +67,7 @@ def alive(pid):
 def read(path):
     try:
         with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
+            return _safejson.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError):

@@ -16,6 +16,8 @@ import os
 import re
 import tempfile
 
+from ansible_collections.carapace.fleet.plugins.module_utils import _safejson
+
 RESULTS = ("upgraded", "unchanged", "rolled_back", "failed", "pending")
 ROW_KEYS = ("host", "from", "to", "result", "phase", "downtime_s", "rto_s", "sha256", "log_index", "backup")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -92,7 +94,7 @@ class Report:
         for name in sorted(os.listdir(self.rows_dir)):
             if name.endswith(".json"):
                 with open(os.path.join(self.rows_dir, name), encoding="utf-8") as f:
-                    out.append(json.load(f))
+                    out.append(_safejson.load(f))
         return sorted(out, key=lambda r: r["host"])
 
     def build(self, run):

@@ -31,6 +31,7 @@ import subprocess
 import tempfile
 import time
 
+from ansible_collections.carapace.fleet.plugins.module_utils import _safejson
 from ansible_collections.carapace.fleet.plugins.module_utils._cara import parse_version
 
 STATE_FILE = "state.json"
@@ -221,7 +222,7 @@ class Switcher:
         empty = {"schemaVersion": SCHEMA_VERSION, "active": None, "previous": None, "rolledBackFrom": None}
         try:
             with open(self.state_path, "r", encoding="utf-8") as f:
-                data = json.load(f)
+                data = _safejson.load(f)
         except FileNotFoundError:
             return empty
         except (OSError, ValueError) as exc:

@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _switch, _verify, _version
+from ansible_collections.carapace.fleet.plugins.module_utils import (_backup, _hostinfo, _lock, _switch, _transaction, _verify,
+                                                                   _version)
 
 
 # -- item 11: tag and version patterns match the whole string -------------------------------------------------------
@@ -77,3 +78,60 @@ def test_item8_src_that_is_a_symlink_is_refused(tmp_path):
     with pytest.raises(_switch.SwitchError) as info:
         _switch.install_file(str(link), str(tmp_path / "dest" / "cara"), hashlib.sha256(b"x").hexdigest())
     assert info.value.cause == "not_a_file"
+
+
+# -- item 9: deeply nested JSON is bad input, not a traceback --------------------------------------------------------
+
+DEEP = b"[" * 20000 + b"]" * 20000                      # past the parser's recursion limit
+DEEP_OBJECT = b'{"a": ' * 20000 + b"1" + b"}" * 20000
+# parses, but nested deeper than any of our files, so copying or walking it recursively would fail later
+MEDIUM = b'{"id": "x", "fleet": {"deep": ' + b"[" * 900 + b"]" * 900 + b"}}"
+
+
+@pytest.mark.parametrize("content", [DEEP, DEEP_OBJECT, MEDIUM])
+def test_item9_nested_transaction_is_corrupt_and_clear_force_removes_it(tmp_path, content):
+    state = tmp_path / "state"
+    (state / "updates").mkdir(parents=True, mode=0o700)
+    path = state / "updates" / "transaction.json"
+    path.write_bytes(content)
+    path.chmod(0o600)
+    with pytest.raises(_transaction.TransactionError) as info:
+        _transaction.run(str(state), "clear")
+    assert info.value.cause == "corrupt"
+    result = _transaction.run(str(state), "clear", force=True)
+    assert result["changed"] is True
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("content", [DEEP, MEDIUM])
+def test_item9_nested_backup_index_is_corrupt(tmp_path, content):
+    (tmp_path / "index.json").write_bytes(content)
+    with pytest.raises(_backup.BackupError) as info:
+        _backup.read_index(str(tmp_path))
+    assert info.value.cause == "index_corrupt"
+
+
+@pytest.mark.parametrize("content", [DEEP, MEDIUM])
+def test_item9_nested_switch_state_is_corrupt(tmp_path, content):
+    switcher = _switch.Switcher(str(tmp_path / "opt"), str(tmp_path / "cara"), version_of=lambda path: None)
+    os.makedirs(os.path.dirname(switcher.state_path))
+    with open(switcher.state_path, "wb") as f:
+        f.write(content)
+    with pytest.raises(_switch.SwitchError) as info:
+        switcher.read_state()
+    assert info.value.cause == "corrupt_state"
+
+
+@pytest.mark.parametrize("content", [DEEP, MEDIUM])
+def test_item9_nested_lock_is_corrupt_and_taken_over(tmp_path, content):
+    path = tmp_path / "run.lock"
+    path.write_bytes(content)
+    assert _lock.read(str(path))["corrupt"] is True
+
+
+@pytest.mark.parametrize("content", [DEEP, MEDIUM])
+def test_item9_nested_json_marker_is_reported_corrupt(tmp_path, content):
+    path = tmp_path / "rollback.json"
+    path.write_bytes(content)
+    value, error = _hostinfo.read_json_marker(str(path))
+    assert value is None and "corrupt" in error
