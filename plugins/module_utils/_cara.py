@@ -73,6 +73,23 @@ def load_config(path):
     return data
 
 
+def read_config(path):
+    """load_config(path), with every way the file can fail to be read turned into a CaraError: a directory, a
+    file that is not UTF-8, no permission, nesting too deep for the parser."""
+    if os.path.isdir(path):
+        raise CaraError("config %s is a directory, not a config file. Point config_path at the JSON5 file "
+                        "(carapace.json5)" % path)
+    try:
+        return load_config(path)
+    except UnicodeDecodeError as exc:
+        raise CaraError("config %s is not UTF-8 text (%s). Re-save it as UTF-8" % (path, exc)) from None
+    except (RecursionError, MemoryError) as exc:
+        raise CaraError("config %s does not parse as JSON5: nested too deeply or too large (%s)"
+                        % (path, type(exc).__name__)) from None
+    except OSError as exc:
+        raise CaraError("cannot read config %s: %s" % (path, exc.strerror or exc)) from None
+
+
 def config_get(cfg, dotted, default=None):
     node = cfg
     for part in dotted.split("."):

@@ -198,11 +198,9 @@ def gather(bin_path, state_dir, config_path=None, install_root="/opt/carapace", 
     facts["config_exists"] = os.path.isfile(cli.config_path)
     facts["config"], facts["config_error"], facts["gateway"] = None, None, None
     try:
-        cfg = _cara.load_config(cli.config_path)
+        cfg = _cara.read_config(cli.config_path)
     except _cara.CaraError as exc:
         facts["config_error"] = str(exc)
-    except (OSError, UnicodeDecodeError) as exc:
-        facts["config_error"] = "cannot read %s: %s" % (cli.config_path, exc)
     else:
         facts["config"] = redact_config(cfg)
         facts["gateway"] = _cara.gateway_facts(cfg)

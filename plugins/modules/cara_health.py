@@ -232,7 +232,7 @@ def main():
 
     config_file = _cara.config_path(p["state_dir"], p["config_path"])
     try:
-        cfg = _cara.load_config(config_file)
+        cfg = _cara.read_config(config_file)
     except _cara.CaraError as exc:
         module.fail_json(msg="%s. cara itself would fall back to an empty config or refuse to start; fix the file "
                          "(or pass config_path) and re-run the gate." % exc, cause="config")

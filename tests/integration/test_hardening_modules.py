@@ -49,3 +49,31 @@ def test_item7_empty_or_relative_paths_are_refused(tmp_path):
         assert key in res["msg"] and "absolute" in res["msg"], (name, res["msg"])
         assert res.get("cause") == "bad_argument", (name, res)
     assert (work / "keep.txt").read_text() == "precious\n"
+
+
+def test_item10_unreadable_configs_give_a_clean_error(tmp_path):
+    """A config that is not UTF-8, or a directory, ended cara_health in a traceback."""
+    state = tmp_path / "state"
+    state.mkdir()
+    latin1 = tmp_path / "latin1.json5"
+    latin1.write_bytes(b'{"gateway": {"port": 18789, "name": "caf\xe9"}}\n')
+    directory = tmp_path / "config-dir.json5"
+    directory.mkdir()
+    tasks = []
+    for label, path in (("latin1", latin1), ("directory", directory)):
+        tasks.append({"name": "health " + label, "module": HEALTH,
+                      "args": {"state_dir": str(state), "config_path": str(path), "checks": ["health"], "timeout": 1}})
+        tasks.append({"name": "info " + label, "module": INFO,
+                      "args": {"state_dir": str(state), "config_path": str(path), "bin_path": str(tmp_path / "cara"),
+                               "install_root": str(tmp_path / "opt"), "backup_dir": str(tmp_path / "backups")}})
+    _rc, results, out = run_tasks(tmp_path, tasks)
+    assert results is not None, out
+    for label, path in (("latin1", latin1), ("directory", directory)):
+        health = results["health " + label]
+        assert health.get("failed") is True and health.get("cause") == "config", health
+        assert str(path) in health["msg"] and "Traceback" not in health["msg"], health
+        assert "module_stdout" not in health and "Traceback" not in str(health.get("exception")), health
+        info = results["info " + label]
+        assert not info.get("failed"), info
+        assert info["config"] is None and str(path) in info["config_error"], info
+        assert "Traceback" not in str(info.get("exception")), info
