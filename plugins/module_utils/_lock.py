@@ -10,10 +10,13 @@ it is not an flock; a lock whose process is gone is stale and is taken over, wit
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
+import tempfile
 import time
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _safejson
@@ -74,10 +77,31 @@ def read(path):
         return {"run_id": None, "pid": None, "corrupt": True}
 
 
+def _open_guard(path):
+    """The guard file next to the lock, for flock: never through a symlink (O_NOFOLLOW), and a regular file."""
+    fd = os.open(path + ".guard", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path + ".guard")
+    return os.fdopen(fd, "r+", encoding="utf-8")
+
+
+def _write_new(path, data):
+    """Write data to path atomically: a fresh temp file (O_EXCL|O_NOFOLLOW, random name) renamed over it."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def acquire(path, run_id, pid):
     """Take the lock for run_id (held by process pid). Returns (changed, previous holder or None, stale?)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".guard", "a", encoding="utf-8") as guard:
+    with _open_guard(path) as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         holder = read(path)
         if holder and holder.get("run_id") == run_id:
@@ -87,19 +111,16 @@ def acquire(path, run_id, pid):
             raise LockHeld("another carapace.fleet run holds %s: run %s, pid %s on %s, since %s. Wait for it to end; "
                            "if that process is gone, remove the file."
                            % (path, holder.get("run_id"), holder.get("pid"), holder.get("host"), holder.get("started")))
-        tmp = "%s.%d.tmp" % (path, os.getpid())
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"run_id": run_id, "pid": pid, "host": socket.gethostname(),
-                       "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f)
-        os.replace(tmp, path)
+        _write_new(path, json.dumps({"run_id": run_id, "pid": pid, "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
         return True, holder, stale
 
 
 def release(path, run_id):
     """Drop the lock if run_id holds it. Returns changed."""
-    if not os.path.exists(path + ".guard") and not os.path.exists(path):
+    if not os.path.lexists(path + ".guard") and not os.path.lexists(path):
         return False
-    with open(path + ".guard", "a", encoding="utf-8") as guard:
+    with _open_guard(path) as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         holder = read(path)
         if not holder or holder.get("run_id") != run_id:

@@ -62,7 +62,9 @@ class Report:
     def write(self, run, row=None, rows=None):
         """Record rows (one or many) for `run` and regenerate the summary. Returns (report, changed)."""
         os.makedirs(self.rows_dir, mode=0o755, exist_ok=True)
-        with open(os.path.join(self.dir, ".report.lock"), "a", encoding="utf-8") as lock:
+        lock_fd = os.open(os.path.join(self.dir, ".report.lock"),
+                          os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        with os.fdopen(lock_fd, "r+", encoding="utf-8") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             changed = self._reset_if_new_run(run)
             for item in ([row] if row else []) + list(rows or []):

@@ -308,7 +308,8 @@ class Switcher:
             yield
             return
         makedirs(self.install_root)
-        fd = os.open(os.path.join(self.install_root, LOCK_FILE), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(os.path.join(self.install_root, LOCK_FILE),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._remove_stale_temps()

@@ -11,6 +11,16 @@ import pytest
 
 from ansible_collections.carapace.fleet.plugins.module_utils import (_backup, _hostinfo, _lock, _switch, _transaction, _verify,
                                                                    _version)
+from ansible_collections.carapace.fleet.plugins.module_utils._report import Report
+
+RUN = {"id": "run-1", "kind": "upgrade", "target": "v0.9.0", "started": "2026-11-24T06:00:00Z"}
+
+
+def _row(host, result="upgraded", **extra):
+    base = {"host": host, "from": "v0.8.0", "to": "v0.9.0", "result": result, "phase": "applied", "downtime_s": 2.5,
+            "rto_s": None, "sha256": "ab" * 32, "log_index": 7, "backup": "/var/backups/carapace/b.tar.gz"}
+    base.update(extra)
+    return base
 
 
 # -- item 11: tag and version patterns match the whole string -------------------------------------------------------
@@ -135,3 +145,46 @@ def test_item9_nested_json_marker_is_reported_corrupt(tmp_path, content):
     path.write_bytes(content)
     value, error = _hostinfo.read_json_marker(str(path))
     assert value is None and "corrupt" in error
+
+
+# -- item 13: lock guards and temporary files are never opened through a symlink ------------------------------------
+
+def test_item13_lock_guard_symlink_is_not_followed(tmp_path):
+    path = tmp_path / "run.lock"
+    planted = tmp_path / "planted-by-guard"
+    os.symlink(planted, str(path) + ".guard")
+    with pytest.raises(OSError):
+        _lock.acquire(str(path), "run-1", os.getpid())
+    assert not os.path.lexists(planted)
+    with pytest.raises(OSError):
+        _lock.release(str(path), "run-1")
+    assert not os.path.lexists(planted)
+
+
+def test_item13_lock_temp_file_symlink_is_not_followed(tmp_path):
+    path = tmp_path / "run.lock"
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    os.symlink(victim, "%s.%d.tmp" % (path, os.getpid()))  # the temp name the lock used to write through
+    _lock.acquire(str(path), "run-1", os.getpid())
+    assert victim.read_text() == "keep me\n"
+    assert _lock.read(str(path))["run_id"] == "run-1"
+
+
+def test_item13_report_lock_symlink_is_not_followed(tmp_path):
+    planted = tmp_path / "planted-by-report"
+    os.symlink(planted, tmp_path / ".report.lock")
+    with pytest.raises(OSError):
+        Report(str(tmp_path)).write(RUN, row=_row("a"))
+    assert not os.path.lexists(planted)
+
+
+def test_item13_switch_lock_symlink_is_not_followed(tmp_path):
+    root = tmp_path / "opt"
+    root.mkdir()
+    planted = tmp_path / "planted-by-switch"
+    os.symlink(planted, root / _switch.LOCK_FILE)
+    switcher = _switch.Switcher(str(root), str(tmp_path / "cara"), version_of=lambda path: None)
+    with pytest.raises(Exception):
+        switcher.present(str(tmp_path / "missing"), "a" * 64, "v0.9.0")
+    assert not os.path.lexists(planted)
