@@ -188,3 +188,32 @@ def test_item13_switch_lock_symlink_is_not_followed(tmp_path):
     with pytest.raises(Exception):
         switcher.present(str(tmp_path / "missing"), "a" * 64, "v0.9.0")
     assert not os.path.lexists(planted)
+
+
+# -- item 12: the fleet report keeps every host's row, and text cannot forge lines in report.md ---------------------
+
+def test_item12_hosts_that_sanitise_alike_keep_their_own_rows(tmp_path):
+    rep = Report(str(tmp_path))
+    rep.write(RUN, row=_row("web/1", "failed", error="gate failed"))
+    report, _changed = rep.write(RUN, row=_row("web_1"))
+    assert sorted(h["host"] for h in report["hosts"]) == ["web/1", "web_1"]
+    assert report["summary"]["failed"] == 1 and report["summary"]["ok"] is False
+    assert "NEEDS ATTENTION" in (tmp_path / "report.md").read_text()
+    # the same rows again change nothing
+    assert rep.write(RUN, rows=[_row("web/1", "failed", error="gate failed"), _row("web_1")])[1] is False
+
+
+def test_item12_newlines_in_host_names_or_errors_do_not_forge_report_lines(tmp_path):
+    forged_host = "evil\n| other | v0.8.0 | v0.9.0 | upgraded | applied | - | - | - | - | - |"
+    forged_error = "boom\n- outcome: OK\n\n## All good\r\n\x1b[2Jcleared"
+    Report(str(tmp_path)).write(dict(RUN, id="run-7\n- outcome: OK"),
+                                rows=[_row(forged_host, "failed", error=forged_error), _row("good")])
+    lines = (tmp_path / "report.md").read_text().split("\n")
+    assert [line for line in lines if line.startswith("- outcome:")] == ["- outcome: NEEDS ATTENTION"]
+    assert not any(line.startswith("| other |") for line in lines)
+    assert not any(line.startswith("## All good") for line in lines)
+    assert "\r" not in "".join(lines) and "\x1b" not in "".join(lines)
+    rows = [line for line in lines if line.startswith("| ") and "v0.9.0" in line]
+    assert len(rows) == 2
+    assert any("evil\\n" in line for line in rows)
+    assert any(line.startswith("- **evil\\n") and "boom\\n- outcome: OK" in line for line in lines)
