@@ -3,9 +3,15 @@
 Each test names the item of the issue it covers. Several tasks share one run (tests/support/playbook.py run_tasks).
 """
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
-from playbook import run_tasks
+import playbook
+from playbook import run_module, run_tasks
 
 INFO = "carapace.fleet.cara_info"
 HEALTH = "carapace.fleet.cara_health"
@@ -77,3 +83,74 @@ def test_item10_unreadable_configs_give_a_clean_error(tmp_path):
         assert not info.get("failed"), info
         assert info["config"] is None and str(path) in info["config_error"], info
         assert "Traceback" not in str(info.get("exception")), info
+
+
+LOCK_PLAYBOOK = """\
+- name: Hold the fleet lock until the test says go
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Take the lock
+      carapace.fleet.cara_lock:
+        path: "{{ lock_path }}"
+        run_id: run-a
+    - name: Tell the test the lock is taken
+      ansible.builtin.copy:
+        content: "locked\\n"
+        dest: "{{ marker }}"
+        mode: "0600"
+    - name: Work for a while (until the test creates the go file)
+      ansible.builtin.wait_for:
+        path: "{{ go_file }}"
+        timeout: 600
+    - name: Drop the lock
+      carapace.fleet.cara_lock:
+        path: "{{ lock_path }}"
+        run_id: run-a
+        state: absent
+"""
+
+
+def test_item1_the_lock_excludes_a_concurrent_run_until_that_run_is_dead(tmp_path):
+    """Two real ansible-playbook runs: the second is refused while the first lives; after kill -9 of the first,
+    the next run takes the lock over (the lock used to name the per-task worker fork, stale at once)."""
+    work = tmp_path / "run-a"
+    work.mkdir()
+    lock_path, marker, go_file = tmp_path / "run.lock", work / "locked", work / "go"
+    (work / "play.yml").write_text(LOCK_PLAYBOOK)
+    (work / "vars.json").write_text(json.dumps({"lock_path": str(lock_path), "marker": str(marker),
+                                                "go_file": str(go_file),
+                                                "ansible_python_interpreter": sys.executable}))
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=playbook.COLLECTIONS, ANSIBLE_HOME=str(work / ".ansible"),
+               ANSIBLE_LOCAL_TEMP=str(work / "tmp"), ANSIBLE_NOCOLOR="1", ANSIBLE_RETRY_FILES_ENABLED="0")
+    cmd = [os.path.join(playbook.BIN, "ansible-playbook"), "-i", "localhost,", "-c", "local",
+           "-e", "@%s" % (work / "vars.json"), str(work / "play.yml")]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # pylint: disable=consider-using-with
+                             start_new_session=True)
+    try:
+        for _unused in range(1200):
+            if marker.exists() or first.poll() is not None:
+                break
+            time.sleep(0.25)
+        assert marker.exists(), "the first run never took the lock: %s" % first.communicate()[0]
+        holder = json.loads(lock_path.read_text())
+        assert holder["run_id"] == "run-a" and holder["pid"] == first.pid, holder
+
+        _rc, result, out = run_module(tmp_path, "carapace.fleet.cara_lock", {"path": str(lock_path), "run_id": "run-b"})
+        assert result and result.get("failed") is True, out  # run_module ignores errors: rc stays 0
+        assert "another carapace.fleet run holds" in result["msg"] and "run-a" in result["msg"], result
+        assert json.loads(lock_path.read_text())["run_id"] == "run-a"
+
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        rc, result, out = run_module(tmp_path, "carapace.fleet.cara_lock", {"path": str(lock_path), "run_id": "run-c"})
+        assert rc == 0 and not result.get("failed"), out
+        assert result["stale"] is True and result["holder"]["run_id"] == "run-c", result
+        assert "took over a stale lock" in out and "run-a" in out
+    finally:
+        go_file.write_text("go\n")
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        first.communicate()
