@@ -15,6 +15,9 @@ description:
     anything.
   - The installed version (C(cara --version)), the binary at O(bin_path) (symlink target, real path, sha256).
   - The config file (JSON5) with every secret redacted, and its gateway facts (port, bind, control routes, auth mode).
+    The whole value under a secret-looking key (C(auth), C(secrets), C(credentials), C(token), C(password), C(key),
+    C(Authorization), ...) is redacted, objects and lists included; so are PEM blocks, any string that contains a
+    secret, and the credentials of URLs (C(https://user:password@host)), in every fact and error message.
     Tokens, passwords, keys and every value of the top-level C(env) map are replaced by C(********); any other string
     that contains one of those secrets is redacted too.
   - Whether the daemon runs, as C(cara) itself decides it (cara-contract section 2.3) - the daemon lock

@@ -4,6 +4,7 @@ Each test names the item of the issue it covers.
 """
 
 import hashlib
+import json
 import os
 import threading
 
@@ -217,3 +218,45 @@ def test_item12_newlines_in_host_names_or_errors_do_not_forge_report_lines(tmp_p
     assert len(rows) == 2
     assert any("evil\\n" in line for line in rows)
     assert any(line.startswith("- **evil\\n") and "boom\\n- outcome: OK" in line for line in lines)
+
+
+# -- item 6: cara_info leaks no secret -------------------------------------------------------------------------------
+
+SECRET_CONFIG = """{
+  gateway: {port: 18790, bind: "loopback", auth: {mode: "token", token: "tok-AAAA1"}, hooks: {token: "hook-BBBB2"}},
+  secrets: {anything: "sec-CCCC3", nested: {deep: "sec-DDDD4"}, list: ["sec-EEEE5"]},
+  credentials: {provider: {value: "cred-FFFF6"}},
+  providers: {openai: {key: "key-GGGG7", headers: {Authorization: "Bearer auth-HHHH8"}, model: "gpt"}},
+  tls: {cert: "-----BEGIN PRIVATE KEY-----\\nMIIpem-IIII9\\n-----END PRIVATE KEY-----\\n"},
+  webhook: "https://alice:pw-JJJJ10@hooks.example.com/wake",
+  note: "plain text",
+}
+"""
+LEAKS = ["AAAA1", "BBBB2", "CCCC3", "DDDD4", "EEEE5", "FFFF6", "GGGG7", "HHHH8", "IIII9", "JJJJ10", "alice"]
+
+
+def test_item6_cara_info_redacts_secret_subtrees_pem_blocks_and_url_credentials(tmp_path):
+    state = tmp_path / "state"
+    (state / "updates").mkdir(parents=True)
+    (state / "carapace.json5").write_text(SECRET_CONFIG)
+    (state / "updates" / "transaction.json").write_text(json.dumps(
+        {"lastError": "download from https://alice:pw-JJJJ10@mirror.example.com/cara failed"}))
+    facts = _hostinfo.gather(str(tmp_path / "bin" / "cara"), str(state), install_root=str(tmp_path / "opt"),
+                             backup_dir=str(tmp_path / "backups"))
+    text = json.dumps(facts)
+    assert [leak for leak in LEAKS if leak in text] == []
+    assert facts["config"]["note"] == "plain text"
+    assert facts["config"]["providers"]["openai"]["model"] == "gpt"
+    assert facts["config"]["webhook"].endswith("@hooks.example.com/wake")
+    assert facts["gateway"]["port"] == 18790 and facts["gateway"]["auth_mode"] == "token"
+    assert "mirror.example.com" in facts["transaction"]["lastError"]
+
+
+def test_item6_config_errors_do_not_echo_url_credentials(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "carapace.json5").write_text('{gateway: {port: 1}, webhook: "https://alice:pw-JJJJ10@x.example.com/" ,,}')
+    facts = _hostinfo.gather(str(tmp_path / "bin" / "cara"), str(state), install_root=str(tmp_path / "opt"),
+                             backup_dir=str(tmp_path / "backups"))
+    assert facts["config_error"]
+    assert "JJJJ10" not in json.dumps(facts) and "alice" not in json.dumps(facts)
