@@ -154,3 +154,23 @@ def test_item1_the_lock_excludes_a_concurrent_run_until_that_run_is_dead(tmp_pat
         except OSError:
             pass
         first.communicate()
+
+
+def test_item6_url_credentials_never_come_back_from_cara_release_or_the_notes_gate(tmp_path):
+    """base_url (and the notes' src) with userinfo: the credentials appear in no result, message or invocation."""
+    port = 9  # discard: nothing listens, so the fetch fails with a message naming the URL
+    tasks = [
+        {"name": "release", "module": "carapace.fleet.cara_release",
+         "args": {"tag": "v0.9.0", "dest": str(tmp_path / "cache"), "timeout": 5,
+                  "base_url": "http://mirror-user:pw-SECRET42@127.0.0.1:%d/{repo}/{tag}" % port}},
+        {"name": "notes", "module": "carapace.fleet.cara_release_notes",
+         "args": {"tag": "v0.9.0", "timeout": 5, "src": "http://notes-user:pw-SECRET43@127.0.0.1:%d/v0.9.0.md" % port}},
+    ]
+    _rc, results, out = run_tasks(tmp_path, tasks, verbosity=3)
+    assert results is not None, out
+    for name in ("release", "notes"):
+        res = results[name]
+        assert res.get("failed") is True, res
+        assert "127.0.0.1" in res["msg"] and "-user" not in res["msg"], res
+    text = json.dumps(results) + out
+    assert "pw-SECRET42" not in text and "pw-SECRET43" not in text
