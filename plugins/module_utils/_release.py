@@ -259,6 +259,14 @@ class ReleaseCache:
                 "checksum_verified": False, "cached": False, "url": self.source.display(name)}
 
     def _result(self, assets, sums, before, after, changed):
+        # Sigstore signs digests, not names: only the signed SHA256SUMS.txt binds each file to its asset name. A
+        # mirror serving another asset's file and bundle under this name passes without it.
+        if self.checksums == "ignore" or (sums is not None and sums["digests"] is None):
+            self.warnings.append(
+                "%s ran without %s (checksums=%s): the files are verified by their Sigstore bundles, but nothing binds "
+                "each file to its asset name, so a mirror could serve another signed asset under this name. Carapace "
+                "publishes %s with every release: use checksums: required (the roles' default)."
+                % (self.tag, SUMS, self.checksums, SUMS))
         return {
             "changed": changed,
             "tag": self.tag,

@@ -98,6 +98,8 @@ options:
       - V(if_present) checks it when the release publishes it (a release without it passes on the bundle alone).
       - V(required) fails when the release has no C(SHA256SUMS.txt).
       - V(ignore) does not fetch it.
+      - Sigstore signs digests, not names, so C(SHA256SUMS.txt) is the only binding of each file to its asset name;
+        the module warns whenever it runs without it. The roles of this collection use V(required).
     type: str
     choices: [if_present, required, ignore]
     default: if_present

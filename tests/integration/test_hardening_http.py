@@ -3,16 +3,21 @@ on 127.0.0.1, with ansible-core's open_url wired exactly as the modules wire it 
 """
 
 import http.server
+import os
 import socket
 import threading
 import time
 import urllib.error
 
 import pytest
+import yaml
 from ansible.module_utils.urls import open_url
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _download, _http, _notes
 from ansible_collections.carapace.fleet.plugins.module_utils._download import FetchError, Source
+from ansible_collections.carapace.fleet.plugins.module_utils._release import ReleaseCache
+from ansible_collections.carapace.fleet.plugins.module_utils._verify import GITHUB_ISSUER, TrustRoot, release_identity
+from release_factory import publish
 
 SECRET = "Bearer s3cret-token"
 
@@ -190,3 +195,41 @@ def test_item4_notes_headers_dripped_slowly_are_bounded_by_timeout(dripper):
         _notes.read_notes(url + "/notes.md", module_opener({}), 1)
     assert info.value.cause == "timeout", info.value.message
     assert hung_up_early(state), state
+
+
+# -- item 5 ---------------------------------------------------------------------------------------------------------
+
+ASSETS = {"cara-x86_64-linux": b"\x7fELF x86_64 cara 0.9.0\n" * 64}
+
+
+def _cache(tmp_path, lab_root, base, checksums):
+    return ReleaseCache(tag="v0.9.0", repo="puremachinery/carapace", assets=list(ASSETS), dest=str(tmp_path / "cache"),
+                        source=Source(base, "puremachinery/carapace", "v0.9.0"), trust=TrustRoot(lab_root),
+                        identity=release_identity("puremachinery/carapace", "v0.9.0"), issuer=GITHUB_ISSUER,
+                        checksums=checksums, opener=module_opener({}), move=os.rename, timeout=10, max_bytes=1 << 24)
+
+
+@pytest.mark.parametrize("checksums", ["if_present", "ignore"])
+def test_item5_cara_release_warns_when_it_runs_without_sha256sums(tmp_path, lab, lab_root, release_server, checksums):
+    publish(lab, release_server.root, "puremachinery/carapace", "v0.9.0", ASSETS, sums=False)
+    result = _cache(tmp_path, lab_root, release_server.release_url("puremachinery/carapace", "v0.9.0"), checksums).sync()
+    assert result["checksums"]["present"] is False
+    assert any("SHA256SUMS.txt" in w and "checksums: required" in w for w in result["warnings"]), result["warnings"]
+
+
+def test_item5_no_warning_when_the_sums_are_checked(tmp_path, lab, lab_root, release_server):
+    publish(lab, release_server.root, "puremachinery/carapace", "v0.9.0", ASSETS)
+    result = _cache(tmp_path, lab_root, release_server.release_url("puremachinery/carapace", "v0.9.0"), "required").sync()
+    assert result["checksums"]["present"] is True and result["warnings"] == []
+
+
+def test_item5_the_roles_require_the_checksums_by_default():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for role in ("cara_upgrade", "cara_rollback"):
+        with open(os.path.join(root, "roles", role, "defaults", "main.yml"), encoding="utf-8") as f:
+            assert yaml.safe_load(f)["cara_release_checksums"] == "required", role
+        with open(os.path.join(root, "roles", role, "meta", "argument_specs.yml"), encoding="utf-8") as f:
+            specs = yaml.safe_load(f)["argument_specs"]
+        documented = [entry["options"]["cara_release_checksums"] for entry in specs.values()
+                      if "cara_release_checksums" in entry.get("options", {})]
+        assert documented and all(o["default"] == "required" for o in documented), (role, documented)
