@@ -13,9 +13,13 @@ version_added: 0.1.0
 description:
   - Restores a backup made by M(carapace.fleet.cara_backup), the restore step of Carapace's rollback runbook.
   - Before anything is touched, the archive must be in O(backup_dir)C(/index.json), its sha256 must equal the recorded
-    one, and every member must be safe (relative path, no C(..), no absolute path, no link pointing outside, no
+    one, and every member must be safe (relative path, no C(..), no absolute path, no symlink or hard link, no
     device or fifo) with the C(.carapace-backup) marker present. An archive that is not indexed or that changed is
     refused, with the cause and the next step.
+  - Running as root, it refuses (cause C(wrong_user)) to restore under a directory that another user owns or can
+    write - the state dir, the config's directory, or any directory above them - and names the user to become. That
+    user could swap files for symlinks to root's files while the restore writes. Run it as the state dir's owner
+    (C(become_user), the roles' C(cara_state_user)), as C(cara) itself requires.
   - Requires the daemon to be stopped (daemon lock held or live C(daemon.pid), cara-contract section 2.3), for every
     release - v0.8.0's C(cara restore) has no guard of its own.
   - Runs C(cara restore <archive> --force). The path is positional and C(--force) is needed - the runbook's
@@ -145,7 +149,7 @@ cause:
   description:
     - On failure, one of C(unknown_backup), C(tampered), C(missing_archive), C(no_backup), C(unsafe_member),
       C(marker_missing), C(invalid_archive), C(daemon_running), C(unsafe_dir), C(index_corrupt), C(cara_failed),
-      C(restore_incomplete), C(io_error), C(bad_argument).
+      C(restore_incomplete), C(wrong_user), C(io_error), C(bad_argument).
   returned: failure
   type: str
 """

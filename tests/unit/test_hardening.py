@@ -4,8 +4,11 @@ Each test names the item of the issue it covers.
 """
 
 import hashlib
+import io
 import json
 import os
+import pwd
+import tarfile
 import threading
 
 import pytest
@@ -260,3 +263,94 @@ def test_item6_config_errors_do_not_echo_url_credentials(tmp_path):
                              backup_dir=str(tmp_path / "backups"))
     assert facts["config_error"]
     assert "JJJJ10" not in json.dumps(facts) and "alice" not in json.dumps(facts)
+
+
+# -- item 2: root-safe restore ---------------------------------------------------------------------------------------
+
+class _NoCara:
+    """A CaraCLI stand-in that records what would have run: the refusals must come before `cara restore`."""
+
+    binary = "/nonexistent/cara"
+
+    def __init__(self, config_path):
+        self.config_path = config_path
+        self.calls = []
+
+    def run(self, *args, **kwargs):
+        self.calls.append(args)
+        return {"rc": 0, "stdout": "Restore completed successfully\n  Restored: (nothing)\n", "stderr": ""}
+
+
+def _foreign_owned(path):
+    """Make `path` owned by a user other than root (as root: nobody); return that user's name (or uid)."""
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+    uid = os.lstat(path).st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _cara_archive(path, members):
+    marker = b"carapace-backup v1\ncreated=20260101T000000Z\n"
+    with tarfile.open(path, "w:gz", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo(".carapace-backup")
+        info.size = len(marker)
+        tar.addfile(info, io.BytesIO(marker))
+        for name, kind, payload in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            else:
+                info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+                info.linkname = payload
+                tar.addfile(info)
+    return str(path)
+
+
+def _restore(tmp_path, state, archive_members=(("usage/usage.json", "file", b"{}\n"),)):
+    backups = tmp_path / "backups"
+    backups.mkdir(mode=0o700, exist_ok=True)
+    archive = _cara_archive(backups / "b.tar.gz", archive_members)
+    cli = _NoCara(str(state / "carapace.json5"))
+    return cli, _backup.HostRestore(cli, str(state), str(backups), backup=archive, allow_unindexed=True)
+
+
+def test_item2_root_refuses_to_restore_over_a_state_dir_another_user_owns(tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    state.mkdir()
+    owner = _foreign_owned(state)
+    monkeypatch.setattr(_backup.os, "geteuid", lambda: 0)  # what cara_restore sees when it runs as root
+    cli, job = _restore(tmp_path, state)
+    with pytest.raises(_backup.BackupError) as info:
+        job.run()
+    assert info.value.cause == "wrong_user"
+    assert owner in info.value.message and "become" in info.value.message
+    assert cli.calls == []
+
+
+def test_item2_root_refuses_when_a_parent_of_the_state_dir_belongs_to_another_user(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    state = home / "state"
+    state.mkdir()
+    owner = _foreign_owned(home)  # its owner could swap state/ for a symlink at any time
+    monkeypatch.setattr(_backup.os, "geteuid", lambda: 0)
+    cli, job = _restore(tmp_path, state)
+    with pytest.raises(_backup.BackupError) as info:
+        job.run()
+    assert info.value.cause == "wrong_user" and owner in info.value.message and str(home) in info.value.message
+    assert cli.calls == []
+
+
+@pytest.mark.parametrize("kind,target", [("symlink", "a.json"), ("hardlink", "sessions/a.json")])
+def test_item2_link_members_in_a_cara_archive_are_refused(tmp_path, kind, target):
+    state = tmp_path / "state"
+    state.mkdir()
+    cli, job = _restore(tmp_path, state, [("sessions/a.json", "file", b"{}\n"), ("sessions/link", kind, target)])
+    with pytest.raises(_backup.BackupError) as info:
+        job.run()
+    assert info.value.cause == "unsafe_member" and "sessions/link" in info.value.message
+    assert cli.calls == []
