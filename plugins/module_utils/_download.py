@@ -45,8 +45,8 @@ class Source:
             self.local_dir = None
         elif parsed.scheme == "file":
             if parsed.netloc not in ("", "localhost"):
-                raise FetchError("bad_source", "base_url %s: file:// URLs must name a local path (file:///dir)"
-                             % redact_url(base))
+                raise FetchError("bad_source",
+                                 "base_url %s: file:// URLs must name a local path (file:///dir)" % redact_url(base))
             self.local_dir = unquote(parsed.path)
         elif parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a Windows drive letter)
             self.local_dir = os.path.abspath(os.path.expanduser(self.base))

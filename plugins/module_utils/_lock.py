@@ -25,6 +25,7 @@ import time
 from ansible_collections.carapace.fleet.plugins.module_utils import _safejson
 from ansible_collections.carapace.fleet.plugins.module_utils._cara import pid_alive
 
+
 class LockHeld(Exception):
     """Another live run holds the lock."""
 

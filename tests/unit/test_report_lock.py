@@ -95,7 +95,7 @@ def test_a_reused_pid_does_not_hold_the_lock(tmp_path):
     try:
         _lock.acquire(path, "run-1", other.pid)
         holder = _lock.read(path)
-        assert holder["start_time"] == _lock.start_time(other.pid) is not None
+        assert holder["start_time"] is not None and holder["start_time"] == _lock.start_time(other.pid)
         with pytest.raises(_lock.LockHeld):
             _lock.acquire(path, "run-2", None)
         with open(path, "w", encoding="utf-8") as f:
