@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from ansible_collections.carapace.fleet.plugins.module_utils import (_backup, _hostinfo, _lock, _switch, _transaction,
-                                                                    _verify, _version)
+from ansible_collections.carapace.fleet.plugins.module_utils import (
+    _backup, _hostinfo, _lock, _switch, _transaction, _verify, _version)
 from ansible_collections.carapace.fleet.plugins.module_utils._report import Report
 
 RUN = {"id": "run-1", "kind": "upgrade", "target": "v0.9.0", "started": "2026-11-24T06:00:00Z"}
