@@ -30,13 +30,14 @@ import hashlib
 import json
 import os
 import posixpath
+import pwd
 import re
 import stat
 import tarfile
 import tempfile
 import time
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _cara
+from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _safejson
 from ansible_collections.carapace.fleet.plugins.module_utils._digest import sha256_file
 
 CARA_MARKER = ".carapace-backup"
@@ -55,10 +56,10 @@ DEFAULT_SNAPSHOT_EXCLUDE = ("updates", "audit.jsonl")
 CARA_SECTIONS = ("sessions", "config", "memory", "cron", "tasks", "usage")
 _CHUNK = 1 << 20
 DIFF_LIMIT = 200  # paths shown in a restore's diff
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _UNSAFE_VERSION_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 # The release-tag shape of _verify.check_tag, repeated here so host-side modules do not import sigstore.
-_TAG_RE = re.compile(r"^v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z][0-9A-Za-z.-]*)?$")
+_TAG_RE = re.compile(r"v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z][0-9A-Za-z.-]*)?")
 
 
 class BackupError(Exception):
@@ -87,7 +88,7 @@ def iso(moment):
 
 def check_tag(tag):
     """Raise BackupError(bad_argument) unless tag is a release tag, vMAJOR.MINOR.PATCH[-pre]."""
-    if not isinstance(tag, str) or not _TAG_RE.match(tag):
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
         raise BackupError("bad_argument", "tag %r is not a Carapace release tag: expected vMAJOR.MINOR.PATCH, e.g. "
                           "v0.9.0 (previews: v0.9.0-preview1)." % (tag,))
     return tag
@@ -276,7 +277,7 @@ def check_trusted_dir(path):
 
 def _valid_entry(entry):
     return (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("sha256"), str)
-            and _HEX64.match(entry["sha256"]) and isinstance(entry.get("created_epoch"), int)
+            and _HEX64.fullmatch(entry["sha256"]) and isinstance(entry.get("created_epoch"), int)
             and isinstance(entry.get("tag"), str))
 
 
@@ -302,7 +303,7 @@ def read_index(backup_dir):
         problem = "larger than %d bytes" % MAX_INDEX_BYTES
     else:
         try:
-            index = json.loads(data.decode("utf-8"))
+            index = _safejson.loads(data.decode("utf-8"))
         except ValueError as exc:
             problem = "not JSON (%s)" % exc
         else:
@@ -981,6 +982,60 @@ class HostBackup:
 
 # -- the restore ------------------------------------------------------------------------------------------------------
 
+def _owner_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _ancestors(path):
+    """path and every directory above it, nearest first."""
+    out = [path]
+    while os.path.dirname(out[-1]) != out[-1]:
+        out.append(os.path.dirname(out[-1]))
+    return out
+
+
+def root_restore_problem(dirs):
+    """Running as root: why restoring into `dirs` (and what lies below them) is unsafe, or None.
+
+    A restore as root writes and chowns files under directories that their owner can change at any moment: the
+    service account can swap a file or a whole directory for a symlink to a root-owned file between any check and
+    the write (cara restore follows paths, lchown would hand the file over). So as root every directory on the way,
+    the literal path and the resolved one, must be root's and not writable by others (a sticky one such as /tmp
+    aside); otherwise the restore must run as that directory's owner, which is what cara itself requires of its
+    state dir.
+    """
+    if os.geteuid() != 0:
+        return None
+    for directory in dirs:
+        if not directory:
+            continue
+        seen = set()
+        for chain in (_ancestors(os.path.abspath(directory)), _ancestors(os.path.realpath(directory))):
+            for path in chain:
+                if path in seen:
+                    continue
+                seen.add(path)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                if st.st_uid != 0:
+                    user = _owner_name(st.st_uid)
+                    return ("%s belongs to %s, and this restore runs as root: %s could replace what lies under it "
+                            "with symlinks to root's files while the restore writes there. Run cara_restore as %s "
+                            "instead (become: true, become_user: %s; the roles' cara_state_user)."
+                            % (path, user, user, user, user))
+                others_write = st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0)
+                if others_write and not st.st_mode & stat.S_ISVTX:
+                    return ("%s (mode %04o) can be written by users other than root, and this restore runs as root: "
+                            "they could plant symlinks on its way. Remove the group/other write bit, or run "
+                            "cara_restore as the state dir's owner." % (path, stat.S_IMODE(st.st_mode)))
+    return None
+
+
 class HostRestore:
     """One run of cara_restore on one host."""
 
@@ -1028,11 +1083,15 @@ class HostRestore:
                 "snapshot": None, "indexed": False}, False
 
     def run(self, check_mode=False):
+        problem = root_restore_problem([self.state_dir, os.path.dirname(self.cli.config_path), memory_dir(self.home)])
+        if problem:
+            raise BackupError("wrong_user", problem + " Nothing was restored.")
         entry, indexed = self.select()
         if indexed:
             verify_recorded(entry)
             self.actions.append("verified sha256 of %s against the index" % entry["path"])
-        checked = validate_archive(entry["path"])
+        # cara backups hold directories and regular files: a link member could make cara restore write elsewhere
+        checked = validate_archive(entry["path"], allow_links=False)
         self.actions.append("validated %s (marker, %d safe members)" % (entry["path"], checked["members"]))
         snap = entry.get("snapshot") if self.restore_snapshot else None
         snap_manifest = patterns = None

@@ -30,8 +30,8 @@ DAEMON_LOCK = ".matrix-rekey.lock.lock"
 PID_FILE = "daemon.pid"
 SECRET_KEY_RE = re.compile(r"(token|password|secret|apikey|api_key|passphrase|credential|private)", re.I)
 REDACTED = "********"
-_VERSION_RE = re.compile(r"^cara (\S+)\s*$")
-_CHECK_RE = re.compile(r"^\[(PASS|FAIL|SKIP)\] ([^:]+): ?(.*)$")
+_VERSION_RE = re.compile(r"cara (\S+)\s*")
+_CHECK_RE = re.compile(r"\[(PASS|FAIL|SKIP)\] ([^:]+): ?(.*)")
 
 
 class CaraError(Exception):
@@ -141,13 +141,17 @@ def load_config(path, environ=None):
     if not os.path.exists(path):
         return {}
     if os.path.isdir(path):
-        raise CaraError("config %s is a directory, not a file" % path)
+        raise CaraError("config %s is a directory, not a config file. Point config_path at the JSON5 file "
+                        "(carapace.json5)" % path)
     try:
         data = _read_config_file(path, 0)
     except UnicodeDecodeError as exc:
-        raise CaraError("config %s is not UTF-8 text: %s" % (path, exc)) from exc
-    except RecursionError as exc:
-        raise CaraError("config %s nests too deeply to read" % path) from exc
+        raise CaraError("config %s is not UTF-8 text (%s). Re-save it as UTF-8" % (path, exc)) from None
+    except (RecursionError, MemoryError) as exc:
+        raise CaraError("config %s does not parse as JSON5: nested too deeply or too large (%s)"
+                        % (path, type(exc).__name__)) from None
+    except OSError as exc:
+        raise CaraError("cannot read config %s: %s" % (path, exc.strerror or exc)) from None
     if not isinstance(data, dict):
         raise CaraError("config %s is not a JSON5 object" % path)
     env = dict(os.environ if environ is None else environ)
@@ -391,7 +395,7 @@ def pid_alive(pid):
 def parse_version(text):
     """`cara 0.9.0` -> "0.9.0" (first line of `cara --version`), else None."""
     first = (text or "").strip().splitlines()[:1]
-    match = _VERSION_RE.match(first[0]) if first else None
+    match = _VERSION_RE.fullmatch(first[0]) if first else None
     return match.group(1) if match else None
 
 
@@ -410,7 +414,7 @@ def parse_verify(text):
     result = {"outcome": None, "port": None, "checks": [], "passed": False, "skipped": False}
     for line in (text or "").splitlines():
         stripped = line.strip()
-        match = _CHECK_RE.match(stripped)
+        match = _CHECK_RE.fullmatch(stripped)
         if match:
             result["checks"].append({"result": match.group(1), "name": match.group(2).strip(),
                                      "detail": match.group(3).strip(), "next_step": None})

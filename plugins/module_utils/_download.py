@@ -15,6 +15,8 @@ import os
 import time
 from urllib.parse import quote, unquote, urlparse
 
+from ansible_collections.carapace.fleet.plugins.module_utils._http import DeadlineExceeded, deadline, redact_url
+
 _CHUNK = 1 << 20
 DEFAULT_BASE_URL = "https://github.com/{repo}/releases/download/{tag}"
 
@@ -43,13 +45,16 @@ class Source:
             self.local_dir = None
         elif parsed.scheme == "file":
             if parsed.netloc not in ("", "localhost"):
-                raise FetchError("bad_source", "base_url %s: file:// URLs must name a local path (file:///dir)" % base)
+                raise FetchError("bad_source",
+                                 "base_url %s: file:// URLs must name a local path (file:///dir)" % redact_url(base))
             self.local_dir = unquote(parsed.path)
         elif parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a Windows drive letter)
             self.local_dir = os.path.abspath(os.path.expanduser(self.base))
         else:
             raise FetchError("bad_source", "base_url %s: unsupported scheme %r; use https://, http://, file:// or a "
-                             "local directory" % (base, parsed.scheme))
+                             "local directory" % (redact_url(base), parsed.scheme))
+        # what results and messages show: never the credentials of base_url
+        self.display_base = redact_url(self.base)
 
     def location(self, name):
         """The URL or path of one file of the release."""
@@ -57,34 +62,47 @@ class Source:
             return os.path.join(self.local_dir, name)
         return "%s/%s" % (self.base, quote(name))
 
+    def display(self, name):
+        """location(name) as results and messages show it: credentials in the URL redacted."""
+        return redact_url(self.location(name))
+
 
 def fetch(source, name, dest_path, opener, timeout, max_bytes):
     """Copy one file of the release to `dest_path` (created 0600). Returns (sha256 hex, size).
 
-    `opener(url, timeout)` returns a file-like HTTP response (ansible-core's open_url, configured by the
-    caller with headers and certificate validation). `timeout` bounds the whole transfer, not only each
-    read, so a server that drips bytes cannot hold the run forever.
+    `opener(url, timeout)` returns a file-like HTTP response (the modules pass _http.ansible_opener: ansible-core's
+    open_url with headers, certificate validation and the redirect policy). `timeout` bounds the whole request:
+    connecting, the response headers and the body count against one deadline, so a server that drips bytes cannot
+    hold the run. Messages show the URL without its credentials.
     """
     where = source.location(name)
-    deadline = time.monotonic() + timeout
+    shown = redact_url(where)
+    until = time.monotonic() + timeout
     if source.local_dir is not None:
         if not os.path.isfile(where):
             raise FetchError("not_found", "%s: not found at %s" % (name, where))
         with open(where, "rb") as src:
-            return _stream(src, name, where, dest_path, deadline, timeout, max_bytes, os.path.getsize(where))
+            return _stream(src, name, where, dest_path, until, timeout, max_bytes, os.path.getsize(where))
     try:
-        resp = opener(where, timeout)
-    except Exception as exc:  # HTTPError, URLError, ssl, socket, ansible's ConnectionError: all end the run
-        raise _http_failure(name, where, timeout, exc) from exc
-    try:
-        length = resp.headers.get("Content-Length") if getattr(resp, "headers", None) is not None else None
-        expected = int(length) if length and length.strip().isdigit() else None
-        return _stream(resp, name, where, dest_path, deadline, timeout, max_bytes, expected)
-    finally:
-        resp.close()
+        with deadline(timeout):
+            try:
+                resp = opener(where, timeout)
+            except DeadlineExceeded:
+                raise
+            except Exception as exc:  # HTTPError, URLError, ssl, socket, ansible's ConnectionError: all end the run
+                raise _http_failure(name, shown, timeout, exc) from exc
+            try:
+                length = resp.headers.get("Content-Length") if getattr(resp, "headers", None) is not None else None
+                expected = int(length) if length and length.strip().isdigit() else None
+                return _stream(resp, name, shown, dest_path, until, timeout, max_bytes, expected)
+            finally:
+                resp.close()
+    except DeadlineExceeded as exc:
+        raise FetchError("timeout", "%s: download from %s took longer than timeout=%ss (connection, headers and body "
+                         "count together). Check the mirror or raise timeout." % (name, shown, timeout)) from exc
 
 
-def _stream(src, name, where, dest_path, deadline, timeout, max_bytes, expected):
+def _stream(src, name, where, dest_path, until, timeout, max_bytes, expected):
     if expected is not None and expected > max_bytes:
         raise FetchError("too_large", "%s: %s is %d bytes, over max_bytes=%d. Raise max_bytes if this release's "
                          "files really are that large." % (name, where, expected, max_bytes))
@@ -96,11 +114,13 @@ def _stream(src, name, where, dest_path, deadline, timeout, max_bytes, expected)
     fd = os.open(dest_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     with os.fdopen(fd, "wb") as out:
         while True:
-            if time.monotonic() > deadline:
+            if time.monotonic() > until:
                 raise FetchError("timeout", "%s: download from %s took longer than timeout=%ss. Check the mirror or "
                                  "raise timeout." % (name, where, timeout))
             try:
                 chunk = read(_CHUNK)
+            except DeadlineExceeded:
+                raise
             except Exception as exc:
                 raise _read_failure(name, where, timeout, exc) from exc
             if not chunk:
@@ -127,7 +147,7 @@ def _http_failure(name, where, timeout, exc):
 
 
 def _read_failure(name, where, timeout, exc):
-    text = "%s: %s" % (type(exc).__name__, exc)
+    text = redact_url("%s: %s" % (type(exc).__name__, exc))
     if isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
         return FetchError("timeout", "%s: no answer from %s within timeout=%ss (%s). Check the mirror or raise timeout."
                           % (name, where, timeout, text))

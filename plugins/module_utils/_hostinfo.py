@@ -11,17 +11,17 @@ holds a secret found anywhere in the config).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara
+from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara, _safejson
 from ansible_collections.carapace.fleet.plugins.module_utils._backup import sha256_file
+from ansible_collections.carapace.fleet.plugins.module_utils._http import redact_url
 
 SWITCH_STATE = "state.json"  # written by cara_switch in install_root
 MARKER_MAX_BYTES = 64 * 1024  # cara reads its update markers capped at 64 KiB (section 3.1)
-_TAG_KEY = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)(?:-(.*))?$")
+_TAG_KEY = re.compile(r"v?(\d+)\.(\d+)\.(\d+)(?:-(.*))?")
 
 
 def read_json_marker(path):
@@ -45,7 +45,7 @@ def read_json_marker(path):
     if len(data) > MARKER_MAX_BYTES:
         return None, "%s is larger than %d bytes (cara refuses it too)" % (path, MARKER_MAX_BYTES)
     try:
-        value = json.loads(data.decode("utf-8"))
+        value = _safejson.loads(data.decode("utf-8"))
     except ValueError as exc:
         return None, "%s is corrupt: not JSON (%s)" % (path, exc)
     if not isinstance(value, dict):
@@ -53,40 +53,72 @@ def read_json_marker(path):
     return value, None
 
 
-def _secret_strings(value, found):
-    """Collect the string values kept under secret-looking keys (anywhere in the config)."""
+# Keys whose whole value (a string, or a whole object or list) is a secret. Broader than _cara.SECRET_KEY_RE:
+# `auth`, `authorization`, `cookie`, `key` and any name ending in `key`/`keys` (apiKey, accessKey, keys) too.
+SECRET_NAME_RE = re.compile(r"(token|passw|secret|apikey|api[_-]?key|passphrase|credential|private|auth|cookie|"
+                            r"signature|bearer|session[_-]?key)", re.I)
+_PEM_RE = re.compile(r"-----BEGIN [A-Z0-9 ]*-----")
+
+
+def is_secret_key(key):
+    name = str(key).lower()
+    return bool(SECRET_NAME_RE.search(name)) or name.endswith(("key", "keys")) or "_key" in name or "-key" in name
+
+
+def _secret_strings(value, found, inside=False, direct=False):
+    """Collect the strings kept under secret-looking keys: the value of such a key itself (4 characters or more),
+    and deeper in its subtree, strings of 8 or more (shorter ones there are words like a mode, not secrets)."""
     if isinstance(value, dict):
         for key, item in value.items():
-            if isinstance(item, str) and _cara.SECRET_KEY_RE.search(str(key)) and len(item) >= 4:
-                found.add(item)
-            else:
-                _secret_strings(item, found)
+            secret = is_secret_key(key)
+            _secret_strings(item, found, inside or secret, secret)
     elif isinstance(value, list):
         for item in value:
-            _secret_strings(item, found)
+            _secret_strings(item, found, inside, direct)
+    elif isinstance(value, str) and inside and len(value) >= (4 if direct else 8):
+        found.add(value)
     return found
 
 
-def _scrub(value, secrets):
+def scrub_value(value, secrets=()):
+    """A copy of value (any JSON-like structure) with, in every string: a PEM block, or one of `secrets`, redacted
+    whole; the credentials of URLs (userinfo) redacted."""
     if isinstance(value, dict):
-        return {k: _scrub(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(v, secrets) for v in value]
-    if isinstance(value, str) and any(secret in value for secret in secrets):
-        return _cara.REDACTED
+        return {k: scrub_value(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_value(v, secrets) for v in value]
+    if isinstance(value, str):
+        if _PEM_RE.search(value) or any(secret in value for secret in secrets):
+            return _cara.REDACTED
+        return redact_url(value)
     return value
 
 
-def redact_config(cfg):
-    """The config safe to return: secret-looking keys redacted (_cara.redact), every value of the top-level `env`
-    map redacted (it carries provider keys under any name), and any other string containing a secret redacted."""
+def _redact_subtrees(value):
+    if isinstance(value, dict):
+        return {k: (_cara.REDACTED if is_secret_key(k) and v not in (None, "", {}, [])
+                    else _redact_subtrees(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_subtrees(v) for v in value]
+    return value
+
+
+def config_secrets(cfg):
+    """The strings of a config that are secrets: under secret-looking keys, and every value of the top-level env."""
     secrets = _secret_strings(cfg, set())
-    if isinstance(cfg.get("env"), dict):
+    if isinstance(cfg, dict) and isinstance(cfg.get("env"), dict):
         secrets.update(v for v in cfg["env"].values() if isinstance(v, str) and len(v) >= 4)
-    safe = _cara.redact(cfg)
+    return secrets
+
+
+def redact_config(cfg):
+    """The config safe to return: the whole value under every secret-looking key redacted (objects and lists too),
+    every value of the top-level `env` map redacted (it carries provider keys under any name), PEM blocks and any
+    other string containing a secret redacted, and credentials removed from URLs."""
+    safe = _redact_subtrees(cfg)
     if isinstance(safe.get("env"), dict):
         safe["env"] = {k: _cara.REDACTED for k in safe["env"]}
-    return _scrub(safe, secrets)
+    return scrub_value(safe, config_secrets(cfg))
 
 
 def binary_facts(bin_path):
@@ -104,7 +136,7 @@ def binary_facts(bin_path):
 
 
 def _tag_key(tag):
-    match = _TAG_KEY.match(tag)
+    match = _TAG_KEY.fullmatch(tag)
     if not match:
         return (1, (), tag)
     major, minor, patch, pre = match.groups()
@@ -198,13 +230,13 @@ def gather(bin_path, state_dir, config_path=None, install_root="/opt/carapace", 
     facts["config_path"] = cli.config_path
     facts["config_exists"] = os.path.isfile(cli.config_path)
     facts["config"], facts["config_error"], facts["gateway"] = None, None, None
+    secrets = set()
     try:
         cfg = _cara.read_config(cli, cli.env())
     except _cara.CaraError as exc:
         facts["config_error"] = str(exc)
-    except (OSError, UnicodeDecodeError) as exc:
-        facts["config_error"] = "cannot read %s: %s" % (cli.config_path, exc)
     else:
+        secrets = config_secrets(cfg)
         facts["config"] = redact_config(cfg)
         facts["gateway"] = _cara.gateway_facts(cfg)
 
@@ -230,4 +262,5 @@ def gather(bin_path, state_dir, config_path=None, install_root="/opt/carapace", 
     facts["state_size_mb"] = tree_size_mb(state_dir)
     facts["backups"], facts["backups_error"] = backup_facts(backup_dir)
     facts["platform_asset"] = _cara.platform_asset()
-    return facts
+    # Errors and markers may quote a config line, a URL or a secret: nothing leaves with one.
+    return scrub_value(facts, secrets)

@@ -21,6 +21,7 @@ import os
 import re
 from urllib.parse import unquote, urlparse
 
+from ansible_collections.carapace.fleet.plugins.module_utils._http import DeadlineExceeded, deadline, redact_url
 from ansible_collections.carapace.fleet.plugins.module_utils._version import normalize_tag
 
 DEFAULT_SECTIONS = ("Summary", "Breaking Changes", "Migration Steps", "Rollback Steps", "Security", "Verification",
@@ -91,30 +92,58 @@ def _read_file(path, src, max_bytes):
 
 
 def _read_url(url, opener, timeout, max_bytes):
+    """The body of url, at most max_bytes + 1 bytes. `timeout` bounds the whole request (connection, headers and
+    body together, _http.deadline); messages show the URL without credentials."""
+    shown = redact_url(url)
     try:
-        resp = opener(url, timeout)
-    except Exception as exc:  # HTTPError, URLError, ssl, socket, ansible's ConnectionError
-        code = getattr(exc, "code", None)
-        if code == 404:
-            raise NotesError("not_found", "release notes not found at %s (HTTP 404). Check src: the tag in the URL "
-                             "and the path (docs/releases/<tag>.md)" % url) from exc
-        if isinstance(code, int):
-            raise NotesError("http_error", "HTTP %s fetching the release notes from %s. Retry later, or copy the "
-                             "notes to a file and point src at it" % (code, url)) from exc
-        text = "%s: %s" % (type(exc).__name__, exc)
-        if isinstance(exc, TimeoutError) or "timed out" in text.lower():
-            raise NotesError("timeout", "no answer from %s within timeout=%ss (%s). Check the network or raise "
-                             "timeout" % (url, timeout, text)) from exc
-        raise NotesError("connection_error", "cannot fetch the release notes from %s (%s). Check the network and "
-                         "the proxy, or copy the notes to a file and point src at it" % (url, text)) from exc
-    try:
-        data = resp.read(max_bytes + 1)
-    except Exception as exc:
-        raise NotesError("connection_error", "reading the release notes from %s failed (%s: %s). Retry"
-                         % (url, type(exc).__name__, exc)) from exc
-    finally:
-        resp.close()
-    return _bounded(data, url, max_bytes)
+        with deadline(timeout):
+            try:
+                resp = opener(url, timeout)
+            except DeadlineExceeded:
+                raise
+            except Exception as exc:  # HTTPError, URLError, ssl, socket, ansible's ConnectionError, RedirectRefused
+                raise _open_failure(shown, timeout, exc) from exc
+            try:
+                data = _read_body(resp, max_bytes)
+            except DeadlineExceeded:
+                raise
+            except Exception as exc:
+                raise NotesError("connection_error", "reading the release notes from %s failed (%s). Retry"
+                                 % (shown, redact_url("%s: %s" % (type(exc).__name__, exc)))) from exc
+            finally:
+                resp.close()
+    except DeadlineExceeded as exc:
+        raise NotesError("timeout", "fetching the release notes from %s took longer than timeout=%ss (connection, "
+                         "headers and body count together). Check the network or raise timeout" % (shown, timeout)) from exc
+    return _bounded(data, shown, max_bytes)
+
+
+def _read_body(resp, max_bytes):
+    read = getattr(resp, "read1", None) or resp.read
+    chunks, size = [], 0
+    while size <= max_bytes:
+        chunk = read(min(1 << 16, max_bytes + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _open_failure(url, timeout, exc):
+    code = getattr(exc, "code", None)
+    if code == 404:
+        return NotesError("not_found", "release notes not found at %s (HTTP 404). Check src: the tag in the URL "
+                          "and the path (docs/releases/<tag>.md)" % url)
+    if isinstance(code, int):
+        return NotesError("http_error", "HTTP %s fetching the release notes from %s. Retry later, or copy the "
+                          "notes to a file and point src at it" % (code, url))
+    text = redact_url("%s: %s" % (type(exc).__name__, exc))
+    if isinstance(exc, TimeoutError) or "timed out" in text.lower():
+        return NotesError("timeout", "no answer from %s within timeout=%ss (%s). Check the network or raise "
+                          "timeout" % (url, timeout, text))
+    return NotesError("connection_error", "cannot fetch the release notes from %s (%s). Check the network and "
+                      "the proxy, or copy the notes to a file and point src at it" % (url, text))
 
 
 def _bounded(data, src, max_bytes):

@@ -69,12 +69,12 @@ class ReleaseCache:
         if self.checksums != "ignore":
             sums = self._cached_sums(remove_bad=False)
             if sums is None:
-                self.actions.append("would fetch %s and %s.bundle from %s" % (SUMS, SUMS, self.source.base))
+                self.actions.append("would fetch %s and %s.bundle from %s" % (SUMS, SUMS, self.source.display_base))
         assets = {}
         for name in self.assets:
             cached = self._cached_asset(name, sums, remove_bad=False)
             if cached is None:
-                self.actions.append("would fetch %s and %s.bundle from %s" % (name, name, self.source.base))
+                self.actions.append("would fetch %s and %s.bundle from %s" % (name, name, self.source.display_base))
                 assets[name] = self._planned(name)
             else:
                 assets[name] = cached
@@ -129,7 +129,7 @@ class ReleaseCache:
                                    "installed; use checksums=if_present for releases published without it."
                                    % (SUMS, SUMS), SUMS) from exc
             self.actions.append("%s not published at %s: secondary check skipped (checksums=if_present)"
-                                % (SUMS, self.source.base))
+                                % (SUMS, self.source.display_base))
             return {"digests": None, "path": None, "cached": False}
         bundle_tmp = self._fetch_bundle(SUMS, work)
         self._verify(SUMS, digest, bundle_tmp)
@@ -249,16 +249,24 @@ class ReleaseCache:
             "integrated_time": facts["integrated_time"],
             "checksum_verified": checked,
             "cached": cached,
-            "url": self.source.location(name),
+            "url": self.source.display(name),
         }
 
     def _planned(self, name):
         path = os.path.join(self.tag_dir, name)
         return {"path": path, "sha256": None, "size": None, "bundle_path": path + ".bundle",
                 "identity": self.identity, "issuer": self.issuer, "log_index": None, "integrated_time": None,
-                "checksum_verified": False, "cached": False, "url": self.source.location(name)}
+                "checksum_verified": False, "cached": False, "url": self.source.display(name)}
 
     def _result(self, assets, sums, before, after, changed):
+        # Sigstore signs digests, not names: only the signed SHA256SUMS.txt binds each file to its asset name. A
+        # mirror serving another asset's file and bundle under this name passes without it.
+        if self.checksums == "ignore" or (sums is not None and sums["digests"] is None):
+            self.warnings.append(
+                "%s ran without %s (checksums=%s): the files are verified by their Sigstore bundles, but nothing binds "
+                "each file to its asset name, so a mirror could serve another signed asset under this name. Carapace "
+                "publishes %s with every release: use checksums: required (the roles' default)."
+                % (self.tag, SUMS, self.checksums, SUMS))
         return {
             "changed": changed,
             "tag": self.tag,

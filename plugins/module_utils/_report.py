@@ -11,10 +11,14 @@ report.md are regenerated from the rows after every write, under a lock, atomica
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
 import tempfile
+import unicodedata
+
+from ansible_collections.carapace.fleet.plugins.module_utils import _safejson
 
 RESULTS = ("upgraded", "unchanged", "rolled_back", "failed", "pending")
 ROW_KEYS = ("host", "from", "to", "result", "phase", "downtime_s", "rto_s", "sha256", "log_index", "backup")
@@ -50,6 +54,29 @@ def normalise_row(row):
     return out
 
 
+def row_file_name(host):
+    """rows/<name>: the host name made file-safe, plus a short hash of the real name, so two hosts whose names
+    sanitise alike (web/1, web_1) never share, and overwrite, one row file."""
+    digest = hashlib.sha256(str(host).encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return "%s-%s.json" % (_SAFE.sub("_", str(host))[:80], digest)
+
+
+def md_text(value):
+    """Text safe inside one line of report.md: control characters (newline, carriage return, escape, ...) and
+    Unicode line separators are shown escaped (\\n, \\x1b, \\u2028), so a host name or an error message cannot
+    start a line of its own."""
+    out = []
+    for char in str(value):
+        if char == "\\":
+            out.append("\\\\")
+        elif unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or (
+                "\\x%02x" % ord(char) if ord(char) < 0x100 else "\\u%04x" % ord(char)))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 class Report:
     """A report directory: rows/<host>.json + report.json + report.md."""
 
@@ -60,12 +87,14 @@ class Report:
     def write(self, run, row=None, rows=None):
         """Record rows (one or many) for `run` and regenerate the summary. Returns (report, changed)."""
         os.makedirs(self.rows_dir, mode=0o755, exist_ok=True)
-        with open(os.path.join(self.dir, ".report.lock"), "a", encoding="utf-8") as lock:
+        lock_fd = os.open(os.path.join(self.dir, ".report.lock"),
+                          os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        with os.fdopen(lock_fd, "r+", encoding="utf-8") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             changed = self._reset_if_new_run(run)
             for item in ([row] if row else []) + list(rows or []):
                 clean = normalise_row(item)
-                path = os.path.join(self.rows_dir, _SAFE.sub("_", clean["host"]) + ".json")
+                path = os.path.join(self.rows_dir, row_file_name(clean["host"]))
                 text = json.dumps(clean, indent=2, sort_keys=True) + "\n"
                 if not os.path.exists(path) or open(path, encoding="utf-8").read() != text:
                     _atomic_write(path, text)
@@ -92,7 +121,7 @@ class Report:
         for name in sorted(os.listdir(self.rows_dir)):
             if name.endswith(".json"):
                 with open(os.path.join(self.rows_dir, name), encoding="utf-8") as f:
-                    out.append(json.load(f))
+                    out.append(_safejson.load(f))
         return sorted(out, key=lambda r: r["host"])
 
     def build(self, run):
@@ -113,18 +142,18 @@ def _cell(value):
         return "-"
     if isinstance(value, float):
         return "%.1f" % value
-    return str(value).replace("|", "\\|")
+    return md_text(value).replace("|", "\\|")
 
 
 def render_markdown(report):
     run = report["run"]
     summary = report["summary"]
     lines = [
-        "# carapace.fleet report: %s" % (run.get("kind") or "run"),
+        "# carapace.fleet report: %s" % md_text(run.get("kind") or "run"),
         "",
-        "- run: `%s`" % run.get("id"),
-        "- target: %s" % (run.get("target") or "-"),
-        "- started: %s" % (run.get("started") or "-"),
+        "- run: `%s`" % md_text(run.get("id")),
+        "- target: %s" % md_text(run.get("target") or "-"),
+        "- started: %s" % md_text(run.get("started") or "-"),
         "- hosts: %d (upgraded %d, unchanged %d, rolled back %d, failed %d, pending %d)" % (
             summary["hosts"], summary["upgraded"], summary["unchanged"], summary["rolled_back"], summary["failed"],
             summary["pending"]),
@@ -142,5 +171,5 @@ def render_markdown(report):
     failures = [h for h in report["hosts"] if (h.get("details") or {}).get("error")]
     if failures:
         lines += ["", "## Errors", ""]
-        lines += ["- **%s**: %s" % (h["host"], h["details"]["error"]) for h in failures]
+        lines += ["- **%s**: %s" % (md_text(h["host"]), md_text(h["details"]["error"])) for h in failures]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ names are `.<name>.switch-<random>` and exist only for the instant between symli
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -30,14 +31,15 @@ import subprocess
 import tempfile
 import time
 
+from ansible_collections.carapace.fleet.plugins.module_utils import _safejson
 from ansible_collections.carapace.fleet.plugins.module_utils._cara import parse_version
 
 STATE_FILE = "state.json"
 LOCK_FILE = ".switch.lock"
 SCHEMA_VERSION = 1
 BINARY_NAME = "cara"
-_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-_HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
 _CHUNK = 1 << 20
 
 
@@ -52,24 +54,33 @@ class SwitchError(Exception):
 
 def check_tag(tag):
     """A release directory name: letters, digits, `._+-`, not starting with a dot (no paths, no `..`)."""
-    if not isinstance(tag, str) or not _TAG_RE.match(tag):
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
         raise SwitchError("bad_argument", "tag %r is not usable as a release directory name: expected something like "
                                           "v0.9.0 (letters, digits and ._+- only, not starting with a dot)" % (tag,))
     return tag
 
 
 def check_sha256(digest):
-    if not isinstance(digest, str) or not _HEX64_RE.match(digest.strip()):
+    if not isinstance(digest, str) or not _HEX64_RE.fullmatch(digest.strip()):
         raise SwitchError("bad_argument", "sha256 %r is not 64 hex digits: pass the digest cara_release verified" % (digest,))
     return digest.strip().lower()
 
 
 def _open_regular(path, follow=True):
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
-    fd = os.open(path, flags)
+    """A read fd on the regular file at path. O_NONBLOCK: opening a FIFO (or a device) must not wait for a writer;
+    the type is checked on the open fd before any byte is read. Without follow, a symlink is refused (ELOOP)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise SwitchError("not_a_file", "%s is a symlink, not a regular file: point it at the verified file itself"
+                          % path) from exc
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise SwitchError("not_a_file", "%s is not a regular file" % path)
+    os.set_blocking(fd, True)
     return fd
 
 
@@ -117,7 +128,7 @@ def install_file(src, dest, expected):
     directory = os.path.dirname(dest)
     makedirs(directory)
     try:
-        src_fd = _open_regular(src)
+        src_fd = _open_regular(src, follow=False)
     except FileNotFoundError as exc:
         raise SwitchError("missing_src", "src %s does not exist: copy the verified file there first" % src) from exc
     fd, tmp = tempfile.mkstemp(prefix=".%s.switch-" % os.path.basename(dest), dir=directory)
@@ -211,7 +222,7 @@ class Switcher:
         empty = {"schemaVersion": SCHEMA_VERSION, "active": None, "previous": None, "rolledBackFrom": None}
         try:
             with open(self.state_path, "r", encoding="utf-8") as f:
-                data = json.load(f)
+                data = _safejson.load(f)
         except FileNotFoundError:
             return empty
         except (OSError, ValueError) as exc:
@@ -232,7 +243,7 @@ class Switcher:
         """The tag when target is <releases_dir>/<tag>/cara (also through a symlinked install_root), else None."""
         for root in (self.releases_dir, os.path.realpath(self.releases_dir)):
             parent, name = os.path.split(target)
-            if name == BINARY_NAME and os.path.dirname(parent) == root and _TAG_RE.match(os.path.basename(parent)):
+            if name == BINARY_NAME and os.path.dirname(parent) == root and _TAG_RE.fullmatch(os.path.basename(parent)):
                 return os.path.basename(parent)
         return None
 
@@ -268,7 +279,7 @@ class Switcher:
         found = []
         for name in names:
             path = os.path.join(self.releases_dir, name)
-            if name.startswith(".") or not _TAG_RE.match(name) or os.path.islink(path) or not os.path.isdir(path):
+            if name.startswith(".") or not _TAG_RE.fullmatch(name) or os.path.islink(path) or not os.path.isdir(path):
                 continue
             try:
                 mtime = os.lstat(os.path.join(path, BINARY_NAME)).st_mtime_ns
@@ -297,7 +308,8 @@ class Switcher:
             yield
             return
         makedirs(self.install_root)
-        fd = os.open(os.path.join(self.install_root, LOCK_FILE), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(os.path.join(self.install_root, LOCK_FILE),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._remove_stale_temps()
@@ -359,7 +371,7 @@ class Switcher:
         version = self.version_of(self.bin_path) if self.version_of else None
         sha8 = cur["sha256"][:8]
         base = ("v" + version) if version else ("unknown-" + sha8)
-        if not _TAG_RE.match(base):
+        if not _TAG_RE.fullmatch(base):
             base = "unknown-" + sha8
         for candidate in (base, "%s-%s" % (base, sha8)):
             existing = new_digest if candidate == new_tag else self.installed_digest(candidate)
@@ -388,7 +400,7 @@ class Switcher:
         installed = self.installed_digest(tag)
         # The staged file must verify, even when the release is installed already.
         if src and os.path.lexists(src):
-            src_digest = hash_file(src)
+            src_digest = hash_file(src, follow=False)
             if src_digest != sha256:
                 raise SwitchError("digest_mismatch", "src %s has sha256 %s, expected %s: refusing to install it, nothing was "
                                                      "switched (active: %s). Fetch and verify the release again (cara_release)."

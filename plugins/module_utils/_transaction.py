@@ -27,6 +27,7 @@ import stat
 import time
 import uuid
 
+from ansible_collections.carapace.fleet.plugins.module_utils import _safejson
 from ansible_collections.carapace.fleet.plugins.module_utils._cara import ASSET_NAMES, platform_asset
 
 PHASES = ("created", "downloading", "downloaded", "verified", "applying", "applied", "failed")
@@ -581,7 +582,7 @@ class Host:
         if size > MAX_FILE_BYTES:
             raise self.corrupt("it is larger than 64 KiB, the most cara reads")
         try:
-            tx = json.loads(b"".join(chunks).decode("utf-8"), parse_constant=_reject_constant)
+            tx = _safejson.loads(b"".join(chunks).decode("utf-8"), parse_constant=_reject_constant)
         except UnicodeDecodeError as exc:
             raise self.corrupt("it is not UTF-8 (%s)" % exc) from exc
         except ValueError as exc:

@@ -41,8 +41,8 @@ DEFAULT_REPO = "puremachinery/carapace"
 OID_ISSUER_V2 = "1.3.6.1.4.1.57264.1.8"
 OID_ISSUER_V1 = "1.3.6.1.4.1.57264.1.1"
 
-_REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
-_HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_REPO_RE = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
+_HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class VerifyError(Exception):
@@ -56,7 +56,7 @@ class VerifyError(Exception):
 
 def check_repo(repo):
     """Return the repository if it is `owner/name`; raise ValueError otherwise."""
-    if not isinstance(repo, str) or not _REPO_RE.match(repo):
+    if not isinstance(repo, str) or not _REPO_RE.fullmatch(repo):
         raise ValueError("repo %r is not a GitHub repository name of the form owner/name" % (repo,))
     return repo
 
@@ -220,7 +220,7 @@ def parse_sha256sums(text):
     sums = {}
     for line in text.splitlines():
         parts = line.strip().split(None, 1)
-        if len(parts) != 2 or not _HEX64_RE.match(parts[0]):
+        if len(parts) != 2 or not _HEX64_RE.fullmatch(parts[0]):
             continue
         fname = parts[1].strip().lstrip("*").replace("\\", "/").rsplit("/", 1)[-1]
         sums.setdefault(fname, []).append(parts[0].lower())

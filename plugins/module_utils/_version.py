@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-_TAG_RE = re.compile(r"^v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z][0-9A-Za-z.-]*)?$")
+_TAG_RE = re.compile(r"v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z][0-9A-Za-z.-]*)?")
 
 
 def check_tag(tag):
@@ -26,7 +26,7 @@ def check_tag(tag):
     The identity is matched exactly, so a tag written without its `v` would only ever fail later with a
     confusing identity mismatch: refuse it here instead.
     """
-    if not isinstance(tag, str) or not _TAG_RE.match(tag):
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
         raise ValueError("tag %r is not a Carapace release tag: expected vMAJOR.MINOR.PATCH, e.g. v0.9.0 "
                          "(previews: v0.9.0-preview1)" % (tag,))
     return tag

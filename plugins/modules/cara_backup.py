@@ -199,6 +199,7 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara
+from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
 def main():
@@ -217,6 +218,9 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    problem = path_problem(p)
+    if problem:
+        module.fail_json(msg=problem, cause="bad_argument")
     try:
         if p["tag"]:
             _backup.check_tag(p["tag"])

@@ -215,6 +215,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.carapace.fleet.plugins.module_utils import _cara
 from ansible_collections.carapace.fleet.plugins.module_utils._health import (CHECKS, DEFAULT_OUTCOMES, DEFAULT_VERIFY_TIMEOUT,
                                                                              OUTCOMES, HealthGate, bounded_runner)
+from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 CHECK_MODE_REASON = ("check mode: `cara verify` is not run, since it leaves traces in the daemon's state (a control task, "
                      "a chat session and usage counters, or a /hooks/wake call)")
@@ -239,6 +240,9 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    problem = path_problem(p)
+    if problem:
+        module.fail_json(msg=problem, cause="bad_argument")
     if p["timeout"] <= 0 or p["interval"] <= 0 or p["verify_timeout"] <= 0:
         module.fail_json(msg="timeout, interval and verify_timeout must be positive", cause="bad_argument")
     if p["port"] is not None and not 1 <= p["port"] <= 65535:

@@ -15,6 +15,9 @@ description:
     anything.
   - The installed version (C(cara --version)), the binary at O(bin_path) (symlink target, real path, sha256).
   - The config file (JSON5) with every secret redacted, and its gateway facts (port, bind, control routes, auth mode).
+    The whole value under a secret-looking key (C(auth), C(secrets), C(credentials), C(token), C(password), C(key),
+    C(Authorization), ...) is redacted, objects and lists included; so are PEM blocks, any string that contains a
+    secret, and the credentials of URLs (C(https://user:password@host)), in every fact and error message.
     Tokens, passwords, keys and every value of the top-level C(env) map are replaced by C(********); any other string
     that contains one of those secrets is redacted too.
   - Whether the daemon runs - the daemon lock C(.matrix-rekey.lock.lock) in O(state_dir) is held, or C(daemon.pid)
@@ -298,6 +301,7 @@ platform_asset:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _hostinfo
+from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
 def main():
@@ -312,6 +316,9 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    problem = path_problem(p)
+    if problem:
+        module.fail_json(msg=problem, cause="bad_argument")
     facts = _hostinfo.gather(p["bin_path"], p["state_dir"], p["config_path"], p["install_root"], p["backup_dir"],
                              runner=_cara.tolerant_module_runner(module))
     module.exit_json(changed=False, **facts)

@@ -13,8 +13,9 @@ version_added: 0.1.0
 description:
   - Scheduled rollouts and drills (cron, AWX/AAP) can start while an earlier run still works on the same hosts. The
     playbooks of this collection take this lock first and fail at once when another live run holds it.
-  - The lock is a JSON file naming the run id and the C(ansible-playbook) process holding it. A lock whose process is
-    gone (a killed run) is stale and is taken over with a warning.
+  - The lock is a JSON file naming the run id and the top-level C(ansible-playbook) process holding it (pid, start
+    time and boot id), found by walking up from the module's process. Only a lock whose process is gone (a killed
+    run) is stale, and it is taken over with a warning; a pid reused by another process does not hold the lock.
   - Runs on the controller (C(delegate_to) C(localhost), C(run_once)).
 author:
   - carapace.fleet maintainers (@carapace-fleet)
@@ -55,7 +56,8 @@ EXAMPLES = r"""
 
 RETURN = r"""
 holder:
-  description: The lock's content after the call (run_id, pid, host, started), or V(null) after release.
+  description: The lock's content after the call (run_id, pid, start_time, boot_id, host, started), or V(null) after
+    release.
   returned: always
   type: dict
 stale:
@@ -82,13 +84,17 @@ def main():
     if module.check_mode:
         holder = _lock.read(p["path"])
         mine = bool(holder) and holder.get("run_id") == p["run_id"]
-        if p["state"] == "present" and holder and not mine and _lock.alive(holder.get("pid")):
-            module.fail_json(msg="another carapace.fleet run holds %s: run %s" % (p["path"], holder.get("run_id")),
-                             holder=holder)
+        if p["state"] == "present" and holder and not mine and _lock.holder_alive(holder):
+            module.fail_json(msg=_lock.held_message(p["path"], holder), holder=holder)
         module.exit_json(changed=(not mine) if p["state"] == "present" else mine, holder=holder, stale=False)
     try:
         if p["state"] == "present":
-            changed, previous, stale = _lock.acquire(p["path"], p["run_id"], _lock.playbook_pid())
+            pid = _lock.playbook_pid()
+            if pid is None:
+                module.fail_json(msg="cannot find the ansible-playbook process this task runs under, so the lock %s "
+                                 "could not name the run and would exclude nothing. Run cara_lock on the controller "
+                                 "(delegate_to: localhost with connection local)." % p["path"])
+            changed, previous, stale = _lock.acquire(p["path"], p["run_id"], pid)
             if stale:
                 module.warn("took over a stale lock %s of run %s (process %s is gone)"
                             % (p["path"], previous.get("run_id"), previous.get("pid")))

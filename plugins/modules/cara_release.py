@@ -98,6 +98,8 @@ options:
       - V(if_present) checks it when the release publishes it (a release without it passes on the bundle alone).
       - V(required) fails when the release has no C(SHA256SUMS.txt).
       - V(ignore) does not fetch it.
+      - Sigstore signs digests, not names, so C(SHA256SUMS.txt) is the only binding of each file to its asset name;
+        the module warns whenever it runs without it. The roles of this collection use V(required).
     type: str
     choices: [if_present, required, ignore]
     default: if_present
@@ -267,7 +269,7 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible.module_utils.urls import open_url
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _verify
+from ansible_collections.carapace.fleet.plugins.module_utils import _http, _verify
 from ansible_collections.carapace.fleet.plugins.module_utils._download import FetchError, Source
 from ansible_collections.carapace.fleet.plugins.module_utils._release import CHECKSUM_MODES, ReleaseCache, ReleaseError
 
@@ -295,6 +297,8 @@ def main():
         module.fail_json(msg=missing_required_lib("sigstore>=4.5,<5"), exception=_verify.SIGSTORE_IMPORT_ERROR,
                          cause="bad_argument")
     p = module.params
+    # credentials in base_url (https://user:password@mirror/...) are masked in everything the module returns
+    module.no_log_values.update(_http.url_credentials(p["base_url"]))
     try:
         _verify.check_tag(p["tag"])
         _verify.check_repo(p["repo"])
@@ -309,9 +313,10 @@ def main():
     except FetchError as exc:
         module.fail_json(msg=exc.message, cause=exc.cause)
 
-    def opener(url, timeout):
-        return open_url(url, headers=p["headers"], timeout=timeout, validate_certs=p["validate_certs"],
-                        follow_redirects="safe", http_agent="carapace.fleet cara_release")
+    # Redirects are followed by _http (custom headers stay with the first origin, https -> http is refused), and
+    # the timeout bounds each whole request.
+    opener = _http.ansible_opener(open_url, headers=p["headers"], validate_certs=p["validate_certs"],
+                                  http_agent="carapace.fleet cara_release")
 
     try:
         trust = _verify.TrustRoot(p["trusted_root"])
@@ -328,8 +333,8 @@ def main():
                          % (os.path.join(p["dest"], p["tag"]), exc), cause="bad_argument")
     except Exception as exc:  # fail closed, but say what happened
         module.fail_json(msg="unexpected error while fetching %s %s: %s: %s. Nothing was installed."
-                         % (p["repo"], p["tag"], type(exc).__name__, exc), cause="verification_failed",
-                         exception=traceback.format_exc())
+                         % (p["repo"], p["tag"], type(exc).__name__, _http.redact_url(str(exc))),
+                         cause="verification_failed", exception=_http.redact_url(traceback.format_exc()))
     for warning in result.pop("warnings"):
         module.warn(warning)
     module.exit_json(**result)

@@ -151,7 +151,7 @@ cause:
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.urls import open_url
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _notes
+from ansible_collections.carapace.fleet.plugins.module_utils import _http, _notes
 from ansible_collections.carapace.fleet.plugins.module_utils._version import normalize_tag
 
 
@@ -168,6 +168,8 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    # credentials in a src URL are masked in everything the module returns
+    module.no_log_values.update(_http.url_credentials(p["src"]))
     try:
         tag = normalize_tag(p["tag"])
         if p["timeout"] <= 0:
@@ -178,9 +180,9 @@ def main():
     except ValueError as exc:
         module.fail_json(msg=str(exc), cause="bad_argument", src=p["src"])
 
-    def opener(url, timeout):
-        return open_url(url, timeout=timeout, validate_certs=p["validate_certs"], follow_redirects="safe",
-                        http_agent="carapace.fleet cara_release_notes")
+    # redirects followed by _http (https -> http refused); the timeout bounds the whole request
+    opener = _http.ansible_opener(open_url, validate_certs=p["validate_certs"],
+                                  http_agent="carapace.fleet cara_release_notes")
 
     try:
         text = _notes.read_notes(p["src"], opener, p["timeout"])

@@ -13,9 +13,13 @@ version_added: 0.1.0
 description:
   - Restores a backup made by M(carapace.fleet.cara_backup), the restore step of Carapace's rollback runbook.
   - Before anything is touched, the archive must be in O(backup_dir)C(/index.json), its sha256 must equal the recorded
-    one, and every member must be safe (relative path, no C(..), no absolute path, no link pointing outside, no
+    one, and every member must be safe (relative path, no C(..), no absolute path, no symlink or hard link, no
     device or fifo) with the C(.carapace-backup) marker present. An archive that is not indexed or that changed is
     refused, with the cause and the next step.
+  - Running as root, it refuses (cause C(wrong_user)) to restore under a directory that another user owns or can
+    write - the state dir, the config's directory, or any directory above them - and names the user to become. That
+    user could swap files for symlinks to root's files while the restore writes. Run it as the state dir's owner
+    (C(become_user), the roles' C(cara_state_user)), as C(cara) itself requires.
   - Requires the daemon to be stopped, for every release - v0.8.0's C(cara restore) has no guard of its own. Running
     means the daemon lock is held or C(daemon.pid) is live (section 2.3, v0.9.0+), or, since v0.8.0 writes neither,
     a C(cara start) process runs with this state dir or something listens on the gateway port.
@@ -146,7 +150,7 @@ cause:
   description:
     - On failure, one of C(unknown_backup), C(tampered), C(missing_archive), C(no_backup), C(unsafe_member),
       C(marker_missing), C(invalid_archive), C(daemon_running), C(unsafe_dir), C(index_corrupt), C(cara_failed),
-      C(restore_incomplete), C(io_error), C(bad_argument).
+      C(restore_incomplete), C(wrong_user), C(io_error), C(bad_argument).
   returned: failure
   type: str
 """
@@ -156,6 +160,7 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara
+from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
 def main():
@@ -173,6 +178,9 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    problem = path_problem(p)
+    if problem:
+        module.fail_json(msg=problem, cause="bad_argument")
     cli = _cara.CaraCLI(p["bin_path"], p["state_dir"], p["config_path"], runner=_cara.tolerant_module_runner(module))
     job = _backup.HostRestore(cli, p["state_dir"], p["backup_dir"], backup=p["backup"], tag=p["tag"],
                               allow_unindexed=p["allow_unindexed"], restore_snapshot=p["restore_snapshot"])

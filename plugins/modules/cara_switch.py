@@ -186,6 +186,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.carapace.fleet.plugins.module_utils._cara import parse_version
 from ansible_collections.carapace.fleet.plugins.module_utils._switch import SwitchError, Switcher
+from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
 def main():
@@ -203,6 +204,9 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    problem = path_problem(p)
+    if problem:
+        module.fail_json(msg=problem, cause="bad_argument")
 
     def version_of(path):
         rc, out, _err = module.run_command([path, "--version"], check_rc=False)

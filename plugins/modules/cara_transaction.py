@@ -280,6 +280,7 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _transaction as txn
+from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
 def main():
@@ -301,6 +302,9 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    problem = path_problem(p)
+    if problem:
+        module.fail_json(msg=problem, cause="bad_argument")
     path = os.path.join(os.path.normpath(os.path.abspath(p["state_dir"])), txn.UPDATES_DIR, txn.TX_NAME)
     try:
         result = txn.run(p["state_dir"], p["action"], version=p["version"], asset_name=p["asset_name"], phase=p["phase"],

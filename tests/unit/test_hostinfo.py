@@ -3,7 +3,7 @@
 import json
 import os
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _hostinfo
+from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _hostinfo
 from cara_double import build_release
 
 TOKEN = "tok-0123456789abcdef"
@@ -28,7 +28,8 @@ def test_redaction_covers_secret_keys_env_and_copies():
     text = json.dumps(safe)
     for secret in (TOKEN, "hook-secret-1", "sk-ant-xyz", "also-redacted", "bot-123456"):
         assert secret not in text
-    assert safe["gateway"]["port"] == 1 and safe["gateway"]["auth"]["mode"] == "token"
+    # the whole auth subtree is redacted (issue 12 item 6); its mode is in the gateway facts
+    assert safe["gateway"]["port"] == 1 and safe["gateway"]["auth"] == _cara.REDACTED
     assert cfg["gateway"]["auth"]["token"] == TOKEN  # the caller's dict is untouched
 
 

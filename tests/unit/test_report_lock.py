@@ -1,6 +1,7 @@
 """The fleet report and the controller run lock (module_utils/_report.py, _lock.py)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -87,12 +88,39 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
     assert _lock.read(path)["run_id"] == "run-2"
 
 
-def test_a_reused_pid_that_is_not_ansible_does_not_hold_the_lock(tmp_path):
+def test_a_reused_pid_does_not_hold_the_lock(tmp_path):
+    """The lock names its process by pid AND start time: the same pid with another start time is another process."""
     path = str(tmp_path / "fleet.lock")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # pylint: disable=consider-using-with
     try:
         _lock.acquire(path, "run-1", other.pid)
+        holder = _lock.read(path)
+        assert holder["start_time"] is not None and holder["start_time"] == _lock.start_time(other.pid)
+        with pytest.raises(_lock.LockHeld):
+            _lock.acquire(path, "run-2", None)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(dict(holder, start_time=holder["start_time"] - 1), f)  # what a reused pid looks like
         assert _lock.acquire(path, "run-2", None)[2] is True
     finally:
         other.kill()
         other.wait()
+
+
+def test_the_lock_names_the_topmost_ansible_process(tmp_path):
+    """ansible-playbook -> worker fork (same command line) -> sh -> module: the lock names ansible-playbook, which
+    lives as long as the run, not the worker, which ends with the task."""
+    script = ("import os, subprocess, sys\n"
+              "if sys.argv[1] == 'top':\n"
+              "    r = subprocess.run([sys.executable, __file__, 'worker', 'ansible-playbook'], capture_output=True,\n"
+              "                       text=True, check=True)\n"
+              "    print(os.getpid(), r.stdout.strip())\n"
+              "elif sys.argv[1] == 'worker':\n"
+              "    subprocess.run(['/bin/sh', '-c', '%s %s module; true' % (sys.executable, __file__)], check=True)\n"
+              "else:\n"
+              "    from ansible_collections.carapace.fleet.plugins.module_utils import _lock\n"
+              "    print(_lock.playbook_pid())\n")
+    (tmp_path / "tree.py").write_text(script)
+    out = subprocess.run([sys.executable, str(tmp_path / "tree.py"), "top", "ansible-playbook"], capture_output=True,
+                         text=True, check=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    top, found = out.stdout.split()
+    assert found == top
