@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fleet import BIN, COLLECTIONS, LocalFleet, releases_for
+from fleet import BIN, COLLECTIONS, LocalFleet, releases_for, state_files
 
 UPGRADE_SERIAL = ["1", "100%"]
 
@@ -31,21 +31,6 @@ def make_fleet(tmp_path, releases):
     yield make
     for fleet in fleets:
         fleet.stop()
-
-
-def state_files(hv):
-    """{relative path: bytes} of a host's state dir, minus what the daemon rewrites by merely running."""
-    out = {}
-    root = hv["cara_state_dir"]
-    for top, _dirs, files in os.walk(root):
-        for name in files:
-            rel = os.path.relpath(os.path.join(top, name), root)
-            # the daemon's own files, our update bookkeeping, and cara's append-only audit log (never rolled back)
-            if rel in ("daemon.pid", "audit.jsonl") or rel.endswith(".lock") or rel.startswith("updates" + os.sep):
-                continue
-            with open(os.path.join(top, name), "rb") as f:
-                out[rel] = f.read()
-    return out
 
 
 def host_changed_counts(out):

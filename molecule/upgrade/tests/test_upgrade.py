@@ -108,3 +108,23 @@ def test_the_gateway_token_is_in_no_report(host, run_dir):
             if name.endswith((".json", ".md")):
                 with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
                     assert token not in f.read(), os.path.join(root, name)
+
+
+def test_provider_secrets_stay_in_the_root_only_environment_file(host, me):
+    """upgrade-2 names its LLM provider only in cara_service_secret_environment (molecule.yml): the unit reads the
+    root-only file, the world-readable unit itself holds no value, and cara (which needs a provider) runs."""
+    unit = host.file("/etc/systemd/system/cara.service").content_string
+    assert "EnvironmentFile=-/etc/carapace/cara.env" in unit and "OLLAMA" not in unit
+    assert "ExecStartPre=/usr/local/libexec/carapace-fleet/cara-start-guard /var/lib/carapace" in unit
+    env_file = host.file("/etc/carapace/cara.env")
+    config = host.file(STATE_DIR + "/carapace.json5").content_string
+    if me == "upgrade-2":
+        assert env_file.exists and env_file.user == "root" and env_file.mode == 0o600
+        assert env_file.content_string == "OLLAMA_BASE_URL='http://127.0.0.1:11434'\n"
+        assert "providers" not in config
+    else:
+        assert not env_file.exists and "providers" in config
+    # the provider is real: the gates' `cara verify --outcome auto` made model calls through it
+    stats = json.loads(host.check_output("python3 -c 'import urllib.request; print(urllib.request.urlopen("
+                                         "\"http://127.0.0.1:11434/__stats\", timeout=5).read().decode())'"))
+    assert stats["chat_requests"] >= 2, stats
