@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from cara_double import build_release
+from fake_llm import FakeLLM
 from playbook import run_module
 
 # flavor -> (version installed by hand before, version the fleet switches to): the N-1 -> N upgrade of each flavor
@@ -206,3 +207,32 @@ def test_cara_health_autonomy_failure_carries_cara_text(tmp_path, cara_hosts, fl
     assert "state=previous" in res["next_step"]
     fail = [c for c in res["checks"]["verify_autonomy"]["summary"] if c["result"] == "FAIL"]
     assert fail[0]["name"] == "Task terminal proof" and fail[0]["next_step"].startswith("inspect the task")
+
+
+def test_the_gate_costs_a_model_call_and_fails_or_passes_as_the_provider_does(tmp_path, cara_hosts, flavor):
+    """`verify --outcome local-chat` (what `auto` means on this config) is a round trip through the LLM provider
+    (cara-contract 10): the gate passes on a slow provider within verify_timeout, and fails, naming the check,
+    when the provider fails or is slower than verify_timeout."""
+    with FakeLLM() as llm:
+        host = cara_hosts(UPGRADES[flavor][1], flavor=flavor, config=None, llm=llm.base_url)
+        host.write_config({"gateway": {"port": host.port, "auth": {"mode": "none"}}})
+        host.start()
+        args = health_args(host, checks=["health", "verify"], verify_outcomes=["local-chat"], timeout=60)
+
+        calls = llm.chat_requests
+        llm.set_faults(delay_s=2.0)
+        rc, res, out = run_module(tmp_path, "carapace.fleet.cara_health", dict(args, verify_timeout=40))
+        assert rc == 0 and res["passed"] is True, out
+        assert list(res["checks"]) == ["health", "verify_local_chat"]
+        assert res["checks"]["verify_local_chat"]["result"] == "pass" and llm.chat_requests > calls
+
+        llm.set_faults(fail=True)
+        rc, res, out = run_module(tmp_path, "carapace.fleet.cara_health", dict(args, verify_timeout=40))
+        assert rc == 0 and res["failed"] is True and res["failed_check"] == "verify_local_chat", out
+        assert res["cause"] == "verify_failed" and "Local chat roundtrip" in res["msg"]
+
+        llm.set_faults(delay_s=30.0)
+        rc, res, out = run_module(tmp_path, "carapace.fleet.cara_health", dict(args, verify_timeout=3))
+        assert rc == 0 and res["failed"] is True and res["failed_check"] == "verify_local_chat", out
+        assert res["cause"] == "deadline" and "verify_timeout 3s" in res["msg"]
+        llm.set_faults()
