@@ -7,6 +7,7 @@
 #   4. ansible-playbook carapace.fleet.upgrade to v0.9.0, canary first, in batches
 #   5. ansible-playbook carapace.fleet.rollback_drill with the faulty v0.9.1 on one host: its gate fails, it is
 #      rolled back to v0.9.0 with its state restored, and the drill proves it
+#   6. ansible-playbook carapace.fleet.rollback on another host: back to v0.8.0 with its pre-upgrade backup
 # Reports stay in build/demo/upgrade/ and build/demo/drill/. Every process started here is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,10 @@ cleanup() {
     for pid in "$server_pid" "$llm_pid"; do
         if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
     done
+    # nothing the demo started may outlive it (daemons, servers, the provider)
+    if left=$(pgrep -af -- "$PWD/$DEMO|tests/support/(fake_llm|fleetctl)\.py" | grep -v pgrep); then
+        echo "make demo: processes left running:" >&2; echo "$left" >&2; exit 1
+    fi
 }
 trap cleanup EXIT
 
@@ -74,8 +79,13 @@ ansible-playbook "${common[@]}" carapace.fleet.rollback_drill \
     -e cara_drill_version=v0.9.1 -e cara_upgrade_health_timeout=20 \
     -e "cara_drill_report_dir=$PWD/$DEMO/drill"
 
+step "Rollback of cara-05 to the release before its upgrade (v0.8.0), with its pre-upgrade backup"
+ansible-playbook "${common[@]}" carapace.fleet.rollback -l cara-05 -e "cara_report_dir=$PWD/$DEMO/rollback"
+
 step "Fleet report: upgrade ($DEMO/upgrade/report.md)"
 cat "$DEMO/upgrade/report.md"
 step "Fleet report: drill ($DEMO/drill/report.md)"
 cat "$DEMO/drill/report.md"
-step "Demo finished: reports in $DEMO/upgrade/ and $DEMO/drill/"
+step "Fleet report: rollback ($DEMO/rollback/report.md)"
+cat "$DEMO/rollback/report.md"
+step "Demo finished: reports in $DEMO/upgrade/, $DEMO/drill/ and $DEMO/rollback/"

@@ -202,13 +202,15 @@ class ReleaseCache:
     def _install(self, installs):
         if not installs:
             return
-        os.makedirs(self.tag_dir, mode=0o755, exist_ok=True)
+        # Close the window between verification and install: the bytes moved are the bytes verified. Every file is
+        # re-hashed before the first one moves, so a mismatch installs nothing at all.
         for tmp, final, digest in installs:
-            # Close the window between verification and install: the bytes moved are the bytes verified.
             if sha256_file(tmp)[0] != digest:
                 raise ReleaseError("digest_mismatch", "%s changed on disk between verification and install; nothing "
-                                   "more was installed. Re-run; check for other processes writing to %s."
+                                   "was installed. Re-run; check for other processes writing to %s."
                                    % (os.path.basename(final), self.dest), os.path.basename(final))
+        os.makedirs(self.tag_dir, mode=0o755, exist_ok=True)
+        for tmp, final, _digest in installs:
             os.chmod(tmp, 0o644)
             self.move(tmp, final)
 

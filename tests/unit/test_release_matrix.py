@@ -118,3 +118,26 @@ def test_missing_issuer_extension_is_named(tmp_path, lab_trust):
     with pytest.raises(ReleaseError) as err:
         cache.sync()
     assert "1.3.6.1.4.1.57264.1.8" in err.value.message
+
+
+def test_a_file_changed_between_verification_and_install_is_refused(tmp_path, lab_trust):
+    """The verified bytes are the bytes installed: a file that changes on disk after its verification (another
+    process writing into dest) fails the run with digest_mismatch, and nothing at all is installed - not even the
+    bundle that came with it."""
+    case = CASES[0]  # a valid bundle of the expected identity
+    assert case.accept
+    dest, cache = _run(case, tmp_path, lab_trust)
+    verify = cache._verify  # pylint: disable=protected-access
+
+    def verify_then_tamper(name, digest, bundle_path):
+        facts = verify(name, digest, bundle_path)
+        with open(bundle_path[:-len(".bundle")], "ab") as f:  # the asset's temp file, already verified
+            f.write(b"\0tampered")
+        return facts
+    cache._verify = verify_then_tamper  # pylint: disable=protected-access
+    with pytest.raises(ReleaseError) as err:
+        cache.sync()
+    assert err.value.cause == "digest_mismatch" and err.value.asset == ASSET
+    assert "between verification and install" in err.value.message
+    assert not (dest / TAG).exists() or not os.listdir(dest / TAG)
+    assert [n for n in os.listdir(dest) if n != TAG] == []
