@@ -164,6 +164,20 @@ class LocalFleet:
         with open(self.hostvars()[name]["cara_config_path"], encoding="utf-8") as f:
             return json5.load(f)["gateway"]["auth"]["token"]
 
+    def spawn_playbook(self, name, **extra):
+        """Start `ansible-playbook carapace.fleet.<name>` in the background; the Popen has .log (its output file)."""
+        self.runs += 1
+        vars_file = os.path.join(self.base, "vars-%d.json" % self.runs)
+        with open(vars_file, "w", encoding="utf-8") as f:
+            json.dump(self.extra_vars(**extra), f)
+        log_path = os.path.join(self.base, "run-%d.log" % self.runs)
+        with open(log_path, "w", encoding="utf-8") as log:
+            proc = subprocess.Popen([os.path.join(BIN, "ansible-playbook"), "-i", self.inventory,  # pylint: disable=consider-using-with
+                                     "carapace.fleet.%s" % name, "-e", "@" + vars_file],
+                                    cwd=self.base, env=self._env(), stdout=log, stderr=log, start_new_session=True)
+        proc.log = log_path
+        return proc
+
     def kill_run_at(self, playbook, phase, host="cara-01", timeout=600, **extra):
         """Run a playbook and SIGKILL it (its whole process group) once `host`'s transaction reaches `phase`.
         Returns the phase the transaction was left at."""
