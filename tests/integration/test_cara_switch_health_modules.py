@@ -236,3 +236,28 @@ def test_the_gate_costs_a_model_call_and_fails_or_passes_as_the_provider_does(tm
         assert rc == 0 and res["failed"] is True and res["failed_check"] == "verify_local_chat", out
         assert res["cause"] == "deadline" and "verify_timeout 3s" in res["msg"]
         llm.set_faults()
+
+
+def test_status_and_verify_with_the_daemon_stopped_and_a_status_version_mismatch(tmp_path, cara_hosts, flavor):
+    """Against the double, not a fake CLI: `cara status` with nothing answering fails with cara's own text;
+    `cara verify` with the daemon stopped starts an embedded gateway, which the gate refuses to count as the
+    daemon; and `cara status` of another version than expected is a version mismatch."""
+    version = UPGRADES[flavor][1]
+    host = cara_hosts(version, flavor=flavor, config=None)
+    host.write_config({"gateway": {"port": host.port, "auth": {"mode": "none"}}})  # nothing runs yet
+
+    rc, res, out = run_module(tmp_path, "carapace.fleet.cara_health", health_args(host, checks=["status"], timeout=20))
+    assert rc == 0 and res["failed"] is True and res["cause"] == "status_failed", out
+    assert "Could not connect to carapace at 127.0.0.1:%d" % host.port in res["msg"]
+
+    rc, res, out = run_module(tmp_path, "carapace.fleet.cara_health",
+                              health_args(host, checks=["verify"], verify_outcomes=["auto"], timeout=60))
+    assert rc == 0 and res["failed"] is True and res["cause"] == "daemon_down", out
+    assert "started an embedded one" in res["msg"]
+    assert "Starting embedded gateway on port %d" % host.port in res["checks"]["verify_auto"]["stderr"]
+
+    host.start()
+    rc, res, out = run_module(tmp_path, "carapace.fleet.cara_health",
+                              health_args(host, checks=["status"], expected_version="0.7.9", timeout=20))
+    assert rc == 0 and res["failed"] is True and res["cause"] == "version_mismatch", out
+    assert "`cara status` reports version %s, expected 0.7.9" % version in res["msg"]

@@ -207,3 +207,25 @@ def test_ansible_doc_renders_the_filter_and_the_module():
     assert set(module_doc["doc"]["options"]) == {"src", "tag", "ack_breaking", "required_sections", "timeout",
                                                  "validate_certs"}
     assert set(module_doc["doc"]["attributes"]) == {"check_mode", "diff_mode", "idempotent"}
+
+
+@pytest.mark.parametrize("fault,cause,said", [
+    ({"status": 404}, "not_found", "HTTP 404"),
+    ({"status": 503}, "http_error", "503"),
+    ({"delay": 10.0}, "timeout", "took longer than timeout=2s"),
+])
+def test_notes_http_failures_through_the_release_server(tmp_path, notes_server, fault, cause, said):
+    """The notes gate on a server that fails (the release server's own faults): a cause per failure, the URL named,
+    and the play stopped."""
+    notes_server.faults["v0.9.0.md"] = fault
+    url = notes_url(notes_server, "v0.9.0")
+    rc, res, out = run_module(tmp_path, "carapace.fleet.cara_release_notes",
+                              {"src": url, "tag": "v0.9.0", "ack_breaking": "v0.9.0", "timeout": 2})
+    assert rc == 0 and res["failed"] is True, out
+    assert res["cause"] == cause and said in res["msg"] and url in res["msg"], res["msg"]
+
+
+def test_notes_connection_refused(tmp_path):
+    rc, res, out = run_module(tmp_path, "carapace.fleet.cara_release_notes",
+                              {"src": "http://127.0.0.1:9/v0.9.0.md", "tag": "v0.9.0", "timeout": 5})
+    assert rc == 0 and res["failed"] is True and res["cause"] == "connection_error", out

@@ -440,19 +440,6 @@ def test_gate_deadline_passed_before_a_command_could_start():
     assert res["failed_check"] == "status" and res["cause"] == "deadline" and cli.calls == []
 
 
-def test_gate_status_failure_carries_cara_stderr():
-    clock, cli = FakeClock(), FakeCLI(status_rc=1)
-    res = gate(cli, clock, healthy_get()).run()
-    assert res["failed_check"] == "status" and res["cause"] == "status_failed"
-    assert "Could not connect to carapace at 127.0.0.1:18789" in res["msg"]
-
-
-def test_gate_status_version_checked():
-    clock, cli = FakeClock(), FakeCLI(status_version="0.8.0")
-    res = gate(cli, clock, healthy_get(), expected_version="0.9.0").run()
-    assert res["failed_check"] == "status" and res["cause"] == "version_mismatch"
-
-
 def test_gate_verify_failure_has_the_fail_line_its_next_step_and_cara_stderr():
     clock, cli = FakeClock(), FakeCLI(verify={"autonomy": VERIFY_FAIL})
     res = gate(cli, clock, healthy_get()).run()
@@ -464,13 +451,6 @@ def test_gate_verify_failure_has_the_fail_line_its_next_step_and_cara_stderr():
     assert "state=previous" in res["next_step"] and "inspect the task with GET /control/tasks/7" in res["next_step"]
     summary = res["checks"]["verify_autonomy"]["summary"]
     assert [c["result"] for c in summary] == ["PASS", "PASS", "FAIL"]
-
-
-def test_gate_refuses_a_verify_that_ran_on_an_embedded_gateway():
-    clock = FakeClock()
-    cli = FakeCLI(verify_stderr={"auto": "Starting embedded gateway on port 18789...\n"})
-    res = gate(cli, clock, healthy_get()).run()
-    assert res["failed_check"] == "verify_auto" and res["cause"] == "daemon_down"
 
 
 def test_gate_scrubs_secrets_from_results_and_message():
