@@ -104,12 +104,11 @@ def test_stop_delay(faulty):
     assert not (host.state / "daemon.pid").exists()
 
 
-def test_normal_stop_is_quick(faulty):
+def test_normal_stop_has_no_injected_delay(faulty):
     host = faulty()
     proc = host.start()
-    started = time.monotonic()
     assert host.stop(proc) == 0
-    assert time.monotonic() - started < 5
+    assert "shutdown: draining" not in host.stdout(proc)
 
 
 def test_autonomy_fails_when_the_provider_fails(cara_hosts, cara_flavor):

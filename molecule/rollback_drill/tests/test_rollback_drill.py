@@ -34,7 +34,15 @@ def test_state_is_as_it_was_before_the_upgrade(host):
 
 
 def test_no_drill_report_mentions_another_host(run_dir):
-    for path in glob.glob(os.path.join(run_dir, "*", "report.json")):
+    reports = sorted(set(os.path.realpath(p) for p in glob.glob(os.path.join(run_dir, "**", "report.json"),
+                                                                 recursive=True)))
+    kinds = set()
+    for path in reports:
+        with open(path, encoding="utf-8") as f:
+            kinds.add(json.load(f)["run"]["kind"])
+    # the drill, the upgrade and the rollback of converge.yml each wrote one: this checks every report there is
+    assert {"drill", "upgrade", "rollback"} <= kinds, reports
+    for path in reports:
         with open(path, encoding="utf-8") as f:
             hosts = {row["host"] for row in json.load(f)["hosts"]}
         assert "rollback_drill-3" not in hosts, path

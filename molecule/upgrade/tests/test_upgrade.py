@@ -91,7 +91,7 @@ def test_reports_say_upgraded_then_unchanged(host, me, run_dir, manifest):
     assert (row["result"], row["from"], row["to"], row["phase"]) == ("upgraded", "v0.8.0", TARGET, "applied")
     assert row["sha256"] == asset_sha256(manifest, TARGET)
     assert row["backup"] in [b["path"] for b in backup_index(host)["backups"]]
-    assert 0 < row["downtime_s"] < 120 and row["details"]["attempt"] == 1
+    assert row["downtime_s"] > 0 and row["details"]["attempt"] == 1
     # The idempotence converge found nothing to do.
     assert (again[me]["result"], again[me]["from"]) == ("unchanged", TARGET)
 
