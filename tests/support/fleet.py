@@ -81,6 +81,7 @@ class LocalFleet:
         self._record_starts()
         self.report_dir = os.path.join(self.base, "report")
         self.runs = 0
+        self.guard_may_act = set()  # hosts a test restarted outside a run (reboot), where the start guard acts
         if start:
             self.start()
 
@@ -113,13 +114,17 @@ class LocalFleet:
                 fleetctl.stop_host(hv)
 
     def stop(self):
+        """Stop everything, then check every start of every path the test took: no daemon ever started on an
+        open transaction, and the roles, not the start guard, made each one terminal."""
         self.stop_daemons()
         self.server.stop()
         self.llm.stop()
+        self.assert_starts_terminal(self.guard_may_act)
 
     def reboot(self, name):
         """The host restarts cara by itself (a reboot): the daemon goes, and its service starts it again."""
         hv = self.hostvars()[name]
+        self.guard_may_act.add(name)
         fleetctl.stop_host(hv)
         script = os.path.join(hv["cara_run_dir"], "cara-service")
         proc = subprocess.run([script, "start"], capture_output=True, text=True, timeout=120, check=False)
@@ -178,40 +183,59 @@ class LocalFleet:
         proc.log = log_path
         return proc
 
-    def kill_run_at(self, playbook, phase, host="cara-01", timeout=600, **extra):
-        """Run a playbook and SIGKILL it (its whole process group) once `host`'s transaction reaches `phase`.
-        Returns the phase the transaction was left at."""
+    def kill_run(self, playbook, host="cara-01", after_task=None, when=None, timeout=600, **extra):
+        """Run `ansible-playbook carapace.fleet.<playbook>` on `host` only and SIGKILL the whole run (its process
+        group: workers and the modules they run; cara runs in its own session and survives) at one point:
+        `after_task` ("<task name>" or "<task name>#<n>", the n-th time it returns ok: the kill_at callback kills
+        from inside), or `when`, a predicate polled by this process (for points inside a task). Returns the log."""
         self.runs += 1
         vars_file = os.path.join(self.base, "vars-%d.json" % self.runs)
         with open(vars_file, "w", encoding="utf-8") as f:
             json.dump(self.extra_vars(**extra), f)
-        cmd = [os.path.join(BIN, "ansible-playbook"), "-i", self.inventory, "carapace.fleet.%s" % playbook,
-               "-e", "@" + vars_file]
-        path = os.path.join(self.hostvars()[host]["cara_state_dir"], "updates", "transaction.json")
-        with open(os.path.join(self.base, "run-%d.log" % self.runs), "w", encoding="utf-8") as log:
-            proc = subprocess.Popen(cmd, cwd=self.base, env=self._env(), stdout=log, stderr=log,  # pylint: disable=consider-using-with
-                                    start_new_session=True)
+        env = self._env()
+        if after_task:
+            env.update(ANSIBLE_CALLBACK_PLUGINS=os.path.join(os.path.dirname(os.path.abspath(__file__)), "callback_plugins"),
+                       ANSIBLE_CALLBACKS_ENABLED="kill_at", CARAPACE_KILL_AT="%s:%s" % (host, after_task))
+        log_path = os.path.join(self.base, "run-%d.log" % self.runs)
+        with open(log_path, "w", encoding="utf-8") as log:
+            proc = subprocess.Popen([os.path.join(BIN, "ansible-playbook"), "-i", self.inventory, "--limit", host,  # pylint: disable=consider-using-with
+                                     "carapace.fleet.%s" % playbook, "-e", "@" + vars_file],
+                                    cwd=self.base, env=env, stdout=log, stderr=log, start_new_session=True)
         done = threading.Event()
 
         def watch():
             while not done.is_set():
                 try:
-                    with open(path, encoding="utf-8") as f:
-                        if json.load(f).get("phase") == phase:
-                            os.killpg(proc.pid, signal.SIGKILL)
-                            return
+                    if when():
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        return
                 except (OSError, ValueError):
                     pass
                 time.sleep(0.02)
-        watcher = threading.Thread(target=watch)
-        watcher.start()
+        watcher = threading.Thread(target=watch) if when else None
+        if watcher:
+            watcher.start()
         try:
             proc.wait(timeout=timeout)
         finally:
             done.set()
-            watcher.join()
+            if watcher:
+                watcher.join()
+        with open(log_path, encoding="utf-8") as f:
+            out = f.read()
         if proc.returncode != -signal.SIGKILL:
-            raise AssertionError("the run ended (rc %s) before %s reached %s" % (proc.returncode, host, phase))
+            raise AssertionError("the run ended (rc %s) before the kill point %s: %s"
+                                 % (proc.returncode, after_task or when, out[-3000:]))
+        return out
+
+    def kill_run_at(self, playbook, phase, host="cara-01", timeout=600, **extra):
+        """kill_run when `host`'s transaction reaches `phase`; returns the phase it was left at."""
+        path = os.path.join(self.hostvars()[host]["cara_state_dir"], "updates", "transaction.json")
+
+        def reached():
+            with open(path, encoding="utf-8") as f:
+                return json.load(f).get("phase") == phase
+        self.kill_run(playbook, host, when=reached, timeout=timeout, **extra)
         with open(path, encoding="utf-8") as f:
             return json.load(f)["phase"]
 
