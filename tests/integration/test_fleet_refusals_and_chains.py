@@ -141,4 +141,3 @@ def test_a_chain_runs_with_one_download_per_tag_and_prunes_old_releases(make_fle
     rows = fleet.report()["hosts"]
     assert [(r["from"], r["to"], r["result"]) for r in rows] == [("v0.7.0", "v0.9.0", "upgraded")] * 2
     fleet.assert_starts_terminal()
-

@@ -1234,7 +1234,8 @@ class UpdateResumer:
                           error=str(exc))
             audit(self.sdir, "update_resume_failed", phase=exc.phase, retryable=exc.retryable, error=str(exc))
             return
-        except Exception as exc:  # pylint: disable=broad-except  (a background task never takes the daemon down)
+        # a background task never takes the daemon down
+        except Exception as exc:  # pylint: disable=broad-except
             self.log.error("update resume task crashed", error="%s: %s" % (type(exc).__name__, exc))
             return
         if outcome:
@@ -1383,8 +1384,8 @@ class UpdateResumer:
                                 % (api, describe_os_error(exc)))
         for status in found.values():
             if status == 429 or status >= 500:
-                raise retryable(None, "GitHub API returned HTTP %d (%s)" % (status, "rate limited" if status == 429
-                                                                          else "unexpected response"))
+                why = "rate limited" if status == 429 else "unexpected response"
+                raise retryable(None, "GitHub API returned HTTP %d (%s)" % (status, why))
         present = [n for n in names if 200 <= found[n] < 300]
         if not present:
             raise terminal(None, "GitHub API returned HTTP 404 Not Found (release not found)")

@@ -1,4 +1,4 @@
-"""roles/cara_service/templates/cara-start-guard.j2: run before every start of cara (unit ExecStartPre, service script).
+"""roles/cara_service/files/cara-start-guard.py: run before every start of cara (unit ExecStartPre, service script).
 
 cara resumes an open update transaction by itself at start (cara-contract 3.6; v0.8.0 downloads and applies it):
 the guard makes a carapace.fleet transaction that cara would resume terminal first, and leaves cara's own alone.
@@ -12,19 +12,13 @@ from pathlib import Path
 
 import pytest
 
-GUARD = Path(__file__).resolve().parents[2] / "roles" / "cara_service" / "templates" / "cara-start-guard.j2"
+GUARD = Path(__file__).resolve().parents[2] / "roles" / "cara_service" / "files" / "cara-start-guard.py"
 
 
 @pytest.fixture(name="guard")
-def guard_fixture(tmp_path):
-    """The template rendered the way the role renders it (only its first two lines are templated)."""
-    lines = GUARD.read_text().splitlines(keepends=True)
-    assert lines[0].startswith("#!{{") and "ansible_managed" in lines[1]
-    assert not any("{{" in line or "{%" in line for line in lines[2:]), "only the header may be templated"
-    script = tmp_path / "cara-start-guard"
-    script.write_text("#!%s\n# managed\n%s" % (sys.executable, "".join(lines[2:])))
-    script.chmod(0o755)
-    return script
+def guard_fixture():
+    """The guard as the unit and the service script run it: `<python> cara-start-guard.py <state dir>`."""
+    return GUARD
 
 
 def tx(**kw):
@@ -37,7 +31,7 @@ def tx(**kw):
 
 
 def run(guard, state):
-    proc = subprocess.run([str(guard), str(state)], capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, str(guard), str(state)], capture_output=True, text=True, check=False)
     return proc.returncode, proc.stderr
 
 
@@ -102,7 +96,7 @@ def test_refuses_the_start_when_it_cannot_make_it_terminal(guard, tmp_path):
     def no_writes():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-    proc = subprocess.run([str(guard), str(tmp_path)], capture_output=True, text=True, check=False,
+    proc = subprocess.run([sys.executable, str(guard), str(tmp_path)], capture_output=True, text=True, check=False,
                           preexec_fn=no_writes)  # pylint: disable=subprocess-popen-preexec-fn
     assert proc.returncode == 1 and "not starting cara" in proc.stderr
     assert json.loads(path.read_text())["state"] == "in_progress"

@@ -34,8 +34,8 @@ def test_state_is_as_it_was_before_the_upgrade(host):
 
 
 def test_no_drill_report_mentions_another_host(run_dir):
-    reports = sorted(set(os.path.realpath(p) for p in glob.glob(os.path.join(run_dir, "**", "report.json"),
-                                                                 recursive=True)))
+    found = glob.glob(os.path.join(run_dir, "**", "report.json"), recursive=True)
+    reports = sorted(set(os.path.realpath(p) for p in found))
     kinds = set()
     for path in reports:
         with open(path, encoding="utf-8") as f:

@@ -115,7 +115,7 @@ def test_provider_secrets_stay_in_the_root_only_environment_file(host, me):
     root-only file, the world-readable unit itself holds no value, and cara (which needs a provider) runs."""
     unit = host.file("/etc/systemd/system/cara.service").content_string
     assert "EnvironmentFile=-/etc/carapace/cara.env" in unit and "OLLAMA" not in unit
-    assert "ExecStartPre=/usr/local/libexec/carapace-fleet/cara-start-guard /var/lib/carapace" in unit
+    assert "ExecStartPre=/usr/bin/python3 /usr/local/libexec/carapace-fleet/cara-start-guard.py /var/lib/carapace" in unit
     env_file = host.file("/etc/carapace/cara.env")
     config = host.file(STATE_DIR + "/carapace.json5").content_string
     if me == "upgrade-2":

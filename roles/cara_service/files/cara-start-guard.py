@@ -1,12 +1,11 @@
-#!{{ cara_service_guard_python }}
-# {{ ansible_managed }}
 # carapace.fleet's start guard: run before every start of cara, by the unit (ExecStartPre) and the service script.
 #
 # cara resumes an interrupted update transaction by itself at every start (cara-contract 3.6): released v0.8.0
 # downloads the target from GitHub and copies it over its own running binary. A transaction of carapace.fleet
 # (one with the `fleet` key) that cara would resume is therefore made terminal here first: failed, not retryable,
 # saying what happened. cara's own transactions (no `fleet` key) are cara's business and left alone. Exit 1 (so
-# cara is not started) only when such a transaction cannot be made terminal.
+# cara is not started) only when such a transaction cannot be made terminal, or cannot be read safely.
+# Installed by roles/cara_service and run as `<python> cara-start-guard.py <state dir>` (standard library only).
 import json
 import os
 import stat
