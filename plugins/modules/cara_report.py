@@ -11,7 +11,7 @@ module: cara_report
 short_description: Record hosts' outcomes in the fleet report (report.json and report.md)
 version_added: 0.1.0
 description:
-  - Each run reports into its own directory, C(<dir>/<kind>/<id>/) (C(kind) and C(id) from O(run)): one row per host
+  - Each run reports into its own directory, C(<dir>/<kind>/<id>/) (C(kind) and C(id) from O(run)), with one row per host
     under C(rows/), and C(report.json) and C(report.md) regenerated from all rows, under a lock and atomically, so the
     report is complete for every host a run reached even when the run stops half way.
   - After each write of a real run, C(<dir>/<kind>/latest) points at it, and C(<dir>/report.json), C(<dir>/report.md)
