@@ -179,6 +179,13 @@ def test_rollback_without_a_switch_record_refuses_before_the_stop_then_rolls_bac
     assert len(fleet.starts(HOST)) == starts
     assert fleet.report(kind="rollback")["hosts"][0]["result"] == "refused"
 
+    # a release that cannot be fetched and verified: refused before the stop as well
+    rc, out = fleet.playbook("rollback", cara_rollback_to="v0.6.9", cara_rollback_restore=False)
+    assert rc == 2 and "v0.6.9" in out
+    assert len(fleet.starts(HOST)) == starts
+    assert fleet.report(kind="rollback")["hosts"][0]["result"] == "refused"
+    assert_runs(fleet, "v0.9.0")
+
     rc, out = fleet.playbook("rollback", cara_rollback_to="v0.8.0", cara_rollback_restore=False)
     assert rc == 0, out[-3000:]
     assert_runs(fleet, "v0.8.0")
