@@ -3,6 +3,10 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The fleet report: one row per host, written as each host finishes, summarised as report.json and report.md.
 
+Layout under the report directory (cara_report_dir): <kind>/<run id>/ per run (kind: upgrade, rollback, drill),
+<kind>/latest -> the newest real run of that kind, and report.json, report.md -> the newest real run of any kind.
+A dry run (check mode) is written to its own <kind>/<run id>/, marked dry_run, and moves no link.
+
 Domain logic only (no Ansible imports). Rows are kept as rows/<host>.json so that a run that stops half way
 (max_fail_percentage, a killed controller) still leaves a report of every host it reached; report.json and
 report.md are regenerated from the rows after every write, under a lock, atomically.
@@ -20,7 +24,7 @@ import unicodedata
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _safejson
 
-RESULTS = ("upgraded", "unchanged", "rolled_back", "failed", "pending")
+RESULTS = ("upgraded", "unchanged", "rolled_back", "failed", "refused", "in_progress", "pending")
 ROW_KEYS = ("host", "from", "to", "result", "phase", "downtime_s", "rto_s", "sha256", "log_index", "backup")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -131,10 +135,43 @@ class Report:
         downs = [h["downtime_s"] for h in hosts if isinstance(h.get("downtime_s"), (int, float))]
         # A rollback (or a drill's forced one) is the expected outcome of a rollback run, not a problem.
         expected_rollback = run.get("kind") in ("rollback", "drill")
-        ok = counts["failed"] == 0 and counts["pending"] == 0 and (expected_rollback or counts["rolled_back"] == 0)
+        dry_run = bool(run.get("dry_run"))
+        # In a dry run nothing happened: `pending` is what would be done, not a host left behind.
+        ok = (counts["failed"] == 0 and counts["refused"] == 0 and counts["in_progress"] == 0
+              and (dry_run or counts["pending"] == 0) and (expected_rollback or counts["rolled_back"] == 0))
         summary = dict(counts, hosts=len(hosts), max_downtime_s=max(downs) if downs else None,
-                       max_rto_s=max(rtos) if rtos else None, ok=ok)
+                       max_rto_s=max(rtos) if rtos else None, ok=ok, dry_run=dry_run)
         return {"run": dict(run), "summary": summary, "hosts": hosts}
+
+
+def run_directory(base, run):
+    """<base>/<kind>/<run id> of a run (the id made file-safe)."""
+    kind = _SAFE.sub("_", str(run.get("kind") or "run"))[:40] or "run"
+    run_id = _SAFE.sub("_", str(run.get("id")))[:120]
+    if run_id in ("", ".", "..", "latest"):
+        raise ValueError("run.id %r cannot name a report directory" % run.get("id"))
+    return os.path.join(base, kind, run_id)
+
+
+def _link(target, path):
+    """Make `path` a symlink to `target` (relative), replacing it atomically; refuses to replace a real file."""
+    if os.path.lexists(path) and not os.path.islink(path):
+        raise ValueError("%s exists and is not a link; move it aside" % path)
+    tmp = os.path.join(os.path.dirname(path), ".%s.%s" % (os.path.basename(path), os.getpid()))
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def link_latest(base, run_dir):
+    """<kind>/latest -> this run; report.json, report.md and latest at the top -> this run (the newest of any kind)."""
+    kind_dir = os.path.dirname(run_dir)
+    _link(os.path.basename(run_dir), os.path.join(kind_dir, "latest"))
+    rel = os.path.relpath(run_dir, base)
+    _link(rel, os.path.join(base, "latest"))
+    for name in ("report.json", "report.md"):
+        _link(os.path.join(rel, name), os.path.join(base, name))
 
 
 def _cell(value):
@@ -149,16 +186,16 @@ def render_markdown(report):
     run = report["run"]
     summary = report["summary"]
     lines = [
-        "# carapace.fleet report: %s" % md_text(run.get("kind") or "run"),
+        "# carapace.fleet report: %s%s" % (md_text(run.get("kind") or "run"), " (DRY RUN)" if run.get("dry_run") else ""),
         "",
         "- run: `%s`" % md_text(run.get("id")),
         "- target: %s" % md_text(run.get("target") or "-"),
         "- started: %s" % md_text(run.get("started") or "-"),
-        "- hosts: %d (upgraded %d, unchanged %d, rolled back %d, failed %d, pending %d)" % (
+        "- hosts: %d (upgraded %d, unchanged %d, rolled back %d, failed %d, refused %d, in progress %d, pending %d)" % (
             summary["hosts"], summary["upgraded"], summary["unchanged"], summary["rolled_back"], summary["failed"],
-            summary["pending"]),
+            summary.get("refused", 0), summary.get("in_progress", 0), summary["pending"]),
         "- max downtime: %s s, max RTO: %s s" % (_cell(summary["max_downtime_s"]), _cell(summary["max_rto_s"])),
-        "- outcome: %s" % ("OK" if summary["ok"] else "NEEDS ATTENTION"),
+        "- outcome: %s" % _outcome(summary),
         "",
         "| host | from | to | result | phase | downtime s | RTO s | sha256 | Rekor log index | backup |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -168,8 +205,21 @@ def render_markdown(report):
         lines.append("| %s |" % " | ".join(_cell(v) for v in (
             h["host"], h.get("from"), h.get("to"), h["result"], h.get("phase"), h.get("downtime_s"), h.get("rto_s"),
             sha, h.get("log_index"), os.path.basename(h["backup"]) if h.get("backup") else None)))
+    down = [h for h in report["hosts"] if h["result"] == "in_progress"]
+    if down:
+        lines += ["", "## Interrupted", ""]
+        lines += ["- **%s**: the run ended at %s, after the service was stopped: it may be down. Run the same playbook "
+                  "again: it finishes or rolls back this host." % (md_text(h["host"]), md_text(h.get("phase") or "?"))
+                  for h in down]
     failures = [h for h in report["hosts"] if (h.get("details") or {}).get("error")]
     if failures:
         lines += ["", "## Errors", ""]
         lines += ["- **%s**: %s" % (md_text(h["host"]), md_text(h["details"]["error"])) for h in failures]
     return "\n".join(lines) + "\n"
+
+
+def _outcome(summary):
+    if summary.get("dry_run"):
+        return "DRY RUN (check mode): nothing was changed; %s" % (
+            "the run would proceed" if summary["ok"] else "the run would NOT proceed for every host")
+    return "OK" if summary["ok"] else "NEEDS ATTENTION"

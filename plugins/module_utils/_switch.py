@@ -7,7 +7,10 @@ Domain logic only (no Ansible imports). Layout on a host (shared/design.md, "Hos
 
     <install_root>/releases/<tag>/cara   every installed release, 0755, kept `keep` deep
     <install_root>/state.json            {"schemaVersion": 1, "active": REC, "previous": REC|null,
-                                          "rolledBackFrom": REC|null, "updatedAt": "<UTC>"}, REC = {tag, sha256, path}
+                                          "rolledBackFrom": REC|null, "history": [REC, ...],
+                                          "updatedAt": "<UTC>"}, REC = {tag, sha256, path}
+                                         history: the releases that were active before, newest first (never the
+                                         active one), kept after a switch back so the next rollback knows where to go
     <bin_path>                           symlink to the active release, replaced by symlink(temp name) + rename
 
 Nothing is ever kept beside the active path as `cara.bak`/`cara.old`: HEAD `cara` deletes such files at every start
@@ -37,6 +40,7 @@ from ansible_collections.carapace.fleet.plugins.module_utils._cara import parse_
 STATE_FILE = "state.json"
 LOCK_FILE = ".switch.lock"
 SCHEMA_VERSION = 1
+HISTORY_DEPTH = 10
 BINARY_NAME = "cara"
 _TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
@@ -237,7 +241,23 @@ class Switcher:
                                         and isinstance(rec.get("sha256"), str)):
                 raise SwitchError("corrupt_state", "%s: %r is not a {tag, sha256} record; move the file aside and run "
                                                    "state=present" % (self.state_path, key))
+        history = data.get("history")
+        if history is not None and not (isinstance(history, list) and all(
+                isinstance(rec, dict) and isinstance(rec.get("tag"), str) and isinstance(rec.get("sha256"), str)
+                for rec in history)):
+            raise SwitchError("corrupt_state", "%s: 'history' is not a list of {tag, sha256} records; move the file aside "
+                                               "and run state=present" % self.state_path)
         return dict(empty, **data)
+
+    @staticmethod
+    def _history(records, drop):
+        """Records newest first, one per tag, none of the tags in `drop`, HISTORY_DEPTH deep."""
+        out, seen = [], set(drop)
+        for rec in records:
+            if rec and rec["tag"] not in seen:
+                seen.add(rec["tag"])
+                out.append({"tag": rec["tag"], "sha256": rec["sha256"], "path": rec.get("path")})
+        return out[:HISTORY_DEPTH]
 
     def tag_of_target(self, target):
         """The tag when target is <releases_dir>/<tag>/cara (also through a symlinked install_root), else None."""
@@ -360,8 +380,8 @@ class Switcher:
         return bool(a and b and a.get("tag") == b.get("tag") and a.get("sha256") == b.get("sha256"))
 
     def _state_changed(self, old, new):
-        keys = ("active", "previous", "rolledBackFrom")
-        return any(old.get(k) != new.get(k) for k in keys)
+        keys = ("active", "previous", "rolledBackFrom", "history")
+        return any((old.get(k) or None) != (new.get(k) or None) for k in keys)
 
     # -- adoption of a manual install ---------------------------------------------------------------------------
     def _adoption(self, cur, new_tag=None, new_digest=None):
@@ -434,7 +454,8 @@ class Switcher:
                 previous = state.get("previous")  # same release again: what to roll back to stays what it was
             if previous and previous["tag"] == tag:
                 previous = None
-            new_state.update(active=new_rec, previous=previous)
+            new_state.update(active=new_rec, previous=previous,
+                             history=self._history([leaving, recorded] + list(state.get("history") or []), {tag}))
             if not self._same(recorded, new_rec) or need_switch or need_install:
                 new_state["rolledBackFrom"] = None
         state_changed = self._state_changed(state, new_state)
@@ -505,7 +526,9 @@ class Switcher:
         else:
             left = active  # bin_path missing, or already on the previous release (a run killed before recording)
         new_state = dict(state, active=self.record(prev["tag"], prev["sha256"]), previous=None,
-                         rolledBackFrom=left if left and left["tag"] != prev["tag"] else None)
+                         rolledBackFrom=left if left and left["tag"] != prev["tag"] else None,
+                         # the release rolled back from leaves the history; what came before stays for the next rollback
+                         history=self._history(state.get("history") or [], {prev["tag"]} | ({left["tag"]} if left else set())))
         need_switch = not (cur["kind"] == "symlink" and cur["target"] == target)
         if self.check_mode:
             self._simulated_tags = self.release_tags() + ([adopt["tag"]] if adopt and adopt["copy"] else [])
@@ -563,6 +586,7 @@ class Switcher:
             "active": state.get("active"),
             "previous": state.get("previous"),
             "rolled_back_from": state.get("rolledBackFrom"),
+            "history": state.get("history") or [],
             "adopted": {"tag": adopted["tag"], "sha256": adopted["sha256"], "version": adopted["version"],
                         "from": adopted["from"]} if adopted else None,
             "removed": removed,

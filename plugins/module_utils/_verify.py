@@ -94,7 +94,7 @@ class TrustRoot:
                 self.verifier = Verifier(trusted_root=_root_from_bytes(data))
         except Exception as exc:  # fail closed: a root we cannot load verifies nothing
             raise VerifyError("trust_root", "cannot load the Sigstore trust root %s: %s: %s. Point trusted_root at a "
-                              "valid trusted_root.json (see `make refresh-trust-root`)"
+                              "valid trusted_root.json (refreshed on a connected machine, or the one pinned in the collection)"
                               % (path or "(pinned)", type(exc).__name__, exc)) from exc
 
 
@@ -197,7 +197,9 @@ def _explain(name, exc, bundle, identity, issuer):
                            % (name, issuer, got or "no issuer extension %s" % OID_ISSUER_V2, _NEXT_STEP))
     if "CertValidationError" in text or "certificate chain" in text:
         return VerifyError("untrusted_chain", "%s: the signing certificate does not chain to a Fulcio CA of the trusted "
-                           "root at the signing time (%s). %s" % (name, text, _NEXT_STEP))
+                           "root at the signing time. The likely cause: trusted_root is not the root this release was "
+                           "signed under (a mirror signed by another Sigstore instance, or a stale root): check "
+                           "trusted_root first. If it is the right root: %s (%s)" % (name, _NEXT_STEP, text))
     if "SCT" in text:
         return VerifyError("transparency", "%s: the certificate's transparency (SCT) proof is invalid (%s). %s"
                            % (name, text, _NEXT_STEP))

@@ -111,6 +111,13 @@ options:
         on the command line. Never logged or returned.
       - When unset, C(cara) uses its usual sources (environment, C(gateway.auth.token) or C(gateway.auth.password)).
     type: str
+  fail_on_gate:
+    description:
+      - Fail the task when the gate does not pass (the default). V(false) returns the verdict instead (RV(passed)
+        false, with C(msg) and C(cause)), for callers to whom a failing gate is an expected outcome, such as a
+        rollback drill.
+    type: bool
+    default: true
 notes:
   - C(cara verify) starts an embedded gateway when nothing answers on the port. The module treats that as a failure
     (the result would not speak for the daemon), which can only happen if the daemon stops between the checks.
@@ -236,6 +243,7 @@ def main():
             timeout=dict(type="int", default=120),
             interval=dict(type="float", default=1.0),
             gateway_token=dict(type="str", no_log=True),
+            fail_on_gate=dict(type="bool", default=True),
         ),
         supports_check_mode=True,
     )
@@ -276,7 +284,7 @@ def main():
                       secrets=secrets, verify_outcomes=p["verify_outcomes"], verify_timeout=p["verify_timeout"])
     result = gate.run()
     msg = result.pop("msg")
-    if not result["passed"]:
+    if not result["passed"] and p["fail_on_gate"]:
         module.fail_json(msg=msg, changed=False, **result)
     module.exit_json(msg=msg, changed=False, **result)
 

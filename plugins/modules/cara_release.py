@@ -122,7 +122,8 @@ options:
     default: {}
 notes:
   - The real C(cara update) fetches its trust root online through TUF; this module is offline by design. Refresh the
-    pinned root when Sigstore rotates keys (C(make refresh-trust-root) after a sigstore upgrade).
+    pinned root when Sigstore rotates keys; a newer release of this collection ships it, or point O(trusted_root) at a
+    C(trusted_root.json) refreshed on a connected machine.
   - The module never uses sigstore's C(Verifier.production()) (offline, it trusts the user's cache) nor a no-op policy.
 seealso:
   - name: Carapace release policy

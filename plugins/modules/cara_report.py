@@ -11,9 +11,14 @@ module: cara_report
 short_description: Record hosts' outcomes in the fleet report (report.json and report.md)
 version_added: 0.1.0
 description:
-  - Writes one row per host under O(dir)/rows/ and regenerates O(dir)/report.json and O(dir)/report.md from all rows,
-    under a lock and atomically, so the report is complete for every host a run reached even when the run stops half way.
-  - A new C(id) in O(run) starts a fresh report in the same directory.
+  - Each run reports into its own directory, C(<dir>/<kind>/<id>/) (C(kind) and C(id) from O(run)), with one row per host
+    under C(rows/), and C(report.json) and C(report.md) regenerated from all rows, under a lock and atomically, so the
+    report is complete for every host a run reached even when the run stops half way.
+  - After each write of a real run, C(<dir>/<kind>/latest) points at it, and C(<dir>/report.json), C(<dir>/report.md)
+    and C(<dir>/latest) point at the newest run of any kind. An upgrade, a rollback and a drill never replace each
+    other's reports.
+  - A dry run (O(dry_run), the playbooks pass C(ansible_check_mode)) is written to its own run directory, marked as a
+    dry run, and moves none of these links, so it never hides the last real report.
   - Runs on the controller (C(delegate_to) C(localhost)); the roles of this collection call it as each host finishes.
 author:
   - carapace.fleet maintainers (@carapace-fleet)
@@ -41,7 +46,8 @@ options:
   row:
     description:
       - One host's row. Keys C(host), C(from), C(to), C(result) (V(upgraded), V(unchanged), V(rolled_back), V(failed),
-        V(pending)), C(phase), C(downtime_s), C(rto_s), C(sha256), C(log_index), C(backup); other keys are kept under
+        V(refused) (a refusal before the host was touched), V(in_progress) (the service was stopped and the run has not
+        finished the host yet), V(pending)), C(phase), C(downtime_s), C(rto_s), C(sha256), C(log_index), C(backup); other keys are kept under
         C(details) (for example C(error)).
     type: dict
   rows:
@@ -49,6 +55,10 @@ options:
     type: list
     elements: dict
     default: []
+  dry_run:
+    description: The run changes nothing (check mode); its report is marked as such and moves no C(latest) link.
+    type: bool
+    default: false
 """
 
 EXAMPLES = r"""
@@ -76,18 +86,23 @@ report:
       description: The run's facts.
       type: dict
     summary:
-      description: Counts per result, hosts, max downtime and RTO, and C(ok) (no failed, rolled back or pending host).
+      description: Counts per result, hosts, max downtime and RTO, C(dry_run), and C(ok) (no failed, refused, in progress
+        or rolled back host, and no pending host but in a dry run).
       type: dict
     hosts:
       description: One row per host, sorted by host.
       type: list
       elements: dict
+run_dir:
+  description: This run's report directory, C(<dir>/<kind>/<id>).
+  returned: success
+  type: str
 report_json:
-  description: Path of report.json.
+  description: Path of this run's report.json.
   returned: success
   type: str
 report_md:
-  description: Path of report.md.
+  description: Path of this run's report.md.
   returned: success
   type: str
 """
@@ -96,7 +111,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.carapace.fleet.plugins.module_utils._report import Report, normalise_row
+from ansible_collections.carapace.fleet.plugins.module_utils._report import Report, link_latest, normalise_row, run_directory
 
 
 def main():
@@ -106,6 +121,7 @@ def main():
             run=dict(type="dict", required=True),
             row=dict(type="dict"),
             rows=dict(type="list", elements="dict", default=[]),
+            dry_run=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )
@@ -117,13 +133,21 @@ def main():
             normalise_row(item)
     except ValueError as exc:
         module.fail_json(msg="bad report row: %s" % exc)
-    paths = dict(report_json=os.path.join(p["dir"], "report.json"), report_md=os.path.join(p["dir"], "report.md"))
+    run = dict(p["run"], dry_run=True) if p["dry_run"] else dict(p["run"])
+    try:
+        run_dir = run_directory(p["dir"], run)
+    except ValueError as exc:
+        module.fail_json(msg=str(exc))
+    paths = dict(run_dir=run_dir, report_json=os.path.join(run_dir, "report.json"),
+                 report_md=os.path.join(run_dir, "report.md"))
     if module.check_mode:
         module.exit_json(changed=bool(p["row"] or p["rows"]), report=None, **paths)
     try:
-        report, changed = Report(p["dir"]).write(p["run"], row=p["row"], rows=p["rows"])
+        report, changed = Report(run_dir).write(run, row=p["row"], rows=p["rows"])
+        if not p["dry_run"]:
+            link_latest(p["dir"], run_dir)
     except (OSError, ValueError) as exc:
-        module.fail_json(msg="cannot write the fleet report in %s: %s" % (p["dir"], exc))
+        module.fail_json(msg="cannot write the fleet report in %s: %s" % (run_dir, exc))
     module.exit_json(changed=changed, report=report, **paths)
 
 

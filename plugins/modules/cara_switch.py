@@ -147,6 +147,13 @@ rolled_back_from:
   description: After O(state=previous), the release switched away from; else V(null).
   returned: always
   type: dict
+history:
+  description:
+    - The releases that were active before, newest first (never the active one). A switch back with O(state=previous)
+      keeps the older ones, so the next rollback still knows the release before.
+  returned: always
+  type: list
+  elements: dict
 adopted:
   description: The manual install found at O(bin_path) and kept as a release (C(tag), C(sha256), C(version), C(from)), or V(null).
   returned: always

@@ -38,6 +38,7 @@ def test_upgrade_then_rollback_playbook_then_a_passing_drill(fleet):
     rc, out = fleet.playbook("rollback_drill", cara_drill_version="v0.9.0", cara_report_dir=drill_dir)
     assert rc == 0, out[-3000:]
     assert "Rollback drill passed on cara-01" in out
+    assert "[ERROR]" not in out, out[-3000:]
     report = fleet.report(drill_dir)
     drill = report["hosts"][0]["details"]["drill"]
     assert drill["version_restored"] and drill["state_identical"] and drill["rto_within_budget"]
@@ -57,7 +58,7 @@ def test_verify_release_reports_pass_and_fail(fleet):
     report_dir = os.path.join(fleet.base, "verify")
     rc, out = fleet.playbook("verify_release", cara_verify_tag="v0.9.0", cara_verify_report_dir=report_dir)
     assert rc == 0, out[-3000:]
-    report = json.load(open(os.path.join(report_dir, "release-verify-v0.9.0.json"), encoding="utf-8"))
+    report = json.load(open(os.path.join(report_dir, "verify", "latest", "release-verify-v0.9.0.json"), encoding="utf-8"))
     assert report["status"] == "pass" and report["checksumsPresent"] is True
     assert sorted(report["assets"]) == ["cara-aarch64-darwin", "cara-aarch64-linux", "cara-x86_64-darwin",
                                         "cara-x86_64-linux", "cara-x86_64-windows.exe"]
@@ -66,6 +67,7 @@ def test_verify_release_reports_pass_and_fail(fleet):
     fleet.server.faults["cara-aarch64-darwin"] = {"tamper": True}
     rc, out = fleet.playbook("verify_release", cara_verify_tag="v0.9.1", cara_verify_report_dir=report_dir)
     assert rc != 0
-    report = json.load(open(os.path.join(report_dir, "release-verify-v0.9.1.json"), encoding="utf-8"))
+    report = json.load(open(os.path.join(report_dir, "verify", "latest", "release-verify-v0.9.1.json"), encoding="utf-8"))
+    assert len(os.listdir(os.path.join(report_dir, "verify"))) == 3  # two runs, each in its own directory, and latest
     assert report["status"] == "fail" and report["cause"] == "digest_mismatch"
     assert "cara-aarch64-darwin" in report["error"]

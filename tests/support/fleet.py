@@ -271,8 +271,11 @@ class LocalFleet:
                     ANSIBLE_LOCAL_TEMP=os.path.join(self.base, ".ansible", "tmp"), ANSIBLE_DEPRECATION_WARNINGS="0",
                     PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
 
-    def report(self, report_dir=None):
-        with open(os.path.join(report_dir or self.report_dir, "report.json"), encoding="utf-8") as f:
+    def report(self, report_dir=None, kind=None):
+        """report.json of the newest real run (of `kind`: <dir>/<kind>/latest; of any kind: <dir>/report.json)."""
+        base = report_dir or self.report_dir
+        path = os.path.join(base, kind, "latest", "report.json") if kind else os.path.join(base, "report.json")
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
 
     def active(self, name):

@@ -124,3 +124,37 @@ def test_the_lock_names_the_topmost_ansible_process(tmp_path):
                          text=True, check=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     top, found = out.stdout.split()
     assert found == top
+
+
+def test_runs_of_each_kind_in_their_own_directory_with_latest_links(tmp_path):
+    from ansible_collections.carapace.fleet.plugins.module_utils._report import link_latest, run_directory
+    base = str(tmp_path)
+    up = run_directory(base, RUN)
+    assert up == os.path.join(base, "upgrade", "run-1")
+    Report(up).write(RUN, row=row("a"))
+    link_latest(base, up)
+    back = run_directory(base, dict(RUN, id="run-2", kind="rollback"))
+    Report(back).write(dict(RUN, id="run-2", kind="rollback"), row=row("a", "rolled_back"))
+    link_latest(base, back)
+    assert json.loads((tmp_path / "upgrade" / "latest" / "report.json").read_text())["run"]["id"] == "run-1"
+    assert json.loads((tmp_path / "rollback" / "latest" / "report.json").read_text())["run"]["id"] == "run-2"
+    assert json.loads((tmp_path / "report.json").read_text())["run"]["id"] == "run-2"
+    with pytest.raises(ValueError):
+        run_directory(base, dict(RUN, id=".."))
+
+
+def test_a_dry_run_is_marked_and_pending_is_not_a_problem(tmp_path):
+    report, _changed = Report(str(tmp_path)).write(dict(RUN, dry_run=True), rows=[row("a", "pending")])
+    assert report["summary"]["ok"] is True and report["summary"]["dry_run"] is True
+    md = (tmp_path / "report.md").read_text()
+    assert "(DRY RUN)" in md and "DRY RUN (check mode): nothing was changed" in md
+
+
+@pytest.mark.parametrize("result", ["refused", "in_progress", "pending"])
+def test_refused_in_progress_and_pending_need_attention(tmp_path, result):
+    report, _changed = Report(str(tmp_path)).write(RUN, rows=[row("a", result), row("b")])
+    assert report["summary"]["ok"] is False and report["summary"][result] == 1
+    md = (tmp_path / "report.md").read_text()
+    assert "NEEDS ATTENTION" in md
+    if result == "in_progress":
+        assert "may be down" in md

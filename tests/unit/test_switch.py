@@ -429,3 +429,32 @@ def test_symlink_outside_install_root_is_adopted(host):
     res = host.present("0.9.0")
     assert res["adopted"]["tag"] == "v0.7.0" and res["previous"]["tag"] == "v0.7.0"
     assert outside.exists()  # the foreign file is copied, never moved or deleted
+
+
+def test_history_keeps_the_release_before_after_a_switch_back(host):
+    """v0.8.0 -> v0.9.0 -> v0.9.1, switched back to v0.9.0: the history still names v0.8.0 (issue 13 item 3), and a
+    second switch back changes nothing."""
+    host.present("0.8.0")
+    host.present("0.9.0")
+    res = host.present("0.9.1")
+    assert [r["tag"] for r in res["history"]] == ["v0.9.0", "v0.8.0"]
+    res = host.switcher().previous()
+    assert res["active"]["tag"] == "v0.9.0" and res["previous"] is None
+    assert [r["tag"] for r in res["history"]] == ["v0.8.0"]
+    assert host.state()["history"][0] == {"tag": "v0.8.0", "sha256": host.release("0.8.0")[1], "path": host.rel("v0.8.0")}
+    before = host.snapshot()
+    assert host.switcher().previous()["changed"] is False and host.snapshot() == before
+    # back to v0.8.0 as a named release from its kept copy: the history then names v0.9.0
+    res = host.switcher().present(host.rel("v0.8.0"), host.release("0.8.0")[1], "v0.8.0")
+    assert res["active"]["tag"] == "v0.8.0" and res["previous"]["tag"] == "v0.9.0"
+    assert [r["tag"] for r in res["history"]] == ["v0.9.0"]
+
+
+def test_a_state_file_without_history_is_not_rewritten(host):
+    host.present("0.8.0")
+    host.present("0.9.0")
+    state = host.state()
+    del state["history"]
+    (host.install_root / "state.json").write_text(json.dumps(state))
+    res = host.present("0.9.0")
+    assert res["changed"] is False
