@@ -115,13 +115,16 @@ def inject(fleet, fault, target, host=HOST):
             return fleet.playbook("upgrade", cara_upgrade_version=target)
         finally:
             os.unlink(blocker)
-    if fault == "applying":  # the backup is indexed; the `applying` write finds cara's update lock held
-        index = os.path.join(hv["cara_backup_dir"], "index.json")
-        before = _file_bytes(index)
-        trigger = lambda: _file_bytes(index) not in (before, None)  # noqa: E731
-    else:  # applied: the link points at the new release; the `applied` write finds the lock held
-        link = os.readlink(hv["cara_bin_path"])
-        trigger = lambda: os.readlink(hv["cara_bin_path"]) != link  # noqa: E731
+    # applying: the backup is indexed, and the `applying` write finds cara's update lock held;
+    # applied: the link points at the new release, and the `applied` write finds the lock held
+    index = os.path.join(hv["cara_backup_dir"], "index.json")
+    before = _file_bytes(index)
+    link = os.readlink(hv["cara_bin_path"])
+
+    def trigger():
+        if fault == "applying":
+            return _file_bytes(index) not in (before, None)
+        return os.readlink(hv["cara_bin_path"]) != link
     with update_lock_held(fleet, trigger, host) as held:
         rc, out = fleet.playbook("upgrade", cara_upgrade_version=target)
     assert held, "the fault was never injected"
