@@ -1524,7 +1524,7 @@ class Gateway:
             cleanup_old_binaries(self.sdir, self.log)  # v0.8.0: every *.bak/*.old beside the exe, at every start
         self.provider = require_provider(self.cfg)
         if "start_fail_ms" in FAULTS:
-            if self.stop_event.wait(FAULTS["start_fail_ms"] / 1000.0):
+            if sleep_unless(self.stop_event, FAULTS["start_fail_ms"] / 1000.0):
                 return False
             raise CaraError("failed to build LLM provider: injected start failure (fault start_fail_ms)")
         if self.provider["name"] == "ollama":
@@ -1536,7 +1536,7 @@ class Gateway:
             self.write_pid()
         if "slow_start_s" in FAULTS:
             self.log.info("slow start: delaying bind", seconds=FAULTS["slow_start_s"])
-            if self.stop_event.wait(FAULTS["slow_start_s"]):
+            if sleep_unless(self.stop_event, FAULTS["slow_start_s"]):
                 return False
         self.bind(host, port)
         markers.after_bind()
@@ -1946,6 +1946,20 @@ def cmd_version(argv):
     return 0
 
 
+def sleep_unless(event, seconds):
+    """Main-thread wait until `event` is set (by the SIGTERM/SIGINT handler) or `seconds` pass (None: for ever);
+    True if it was set. Never Event.wait() here: a handler that sets the event while this thread holds the event's
+    lock inside wait() deadlocks (a daemon that then ignores SIGTERM). Sleeping in slices and reading is_set(),
+    which takes no lock, leaves the handler free to run."""
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while not event.is_set():
+        left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+        if left <= 0:
+            return False
+        time.sleep(left)
+    return True
+
+
 def cmd_start(argv, *, via_subcommand=True):
     if via_subcommand:
         parse(ClapParser("cara start"), argv)
@@ -1957,8 +1971,7 @@ def cmd_start(argv, *, via_subcommand=True):
     gateway = Gateway(cfg, log, stop)
     try:
         if gateway.start():
-            while not stop.wait(3600):  # a signal handler sets stop; the wait is interruptible
-                continue
+            sleep_unless(stop, None)
             log.info("shutdown signal received, stopping gateway")
     except CaraError:
         gateway.stop_event.set()  # background tasks (the resume task) stop with the failed start
