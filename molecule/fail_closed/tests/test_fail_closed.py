@@ -31,10 +31,8 @@ def test_run_failed_at_verification_with_its_cause(run_dir, case):
     with open(os.path.join(run_dir, "runs", case + ".log"), encoding="utf-8") as f:
         log = f.read()
     assert log.startswith("rc=2\n")
-    assert '"cause": "%s"' % _cases()[case] in log
-    # Nothing after the plan play ran: no host was staged, stopped or reported upgraded.
-    assert "Stop cara" not in log and "Stage the verified release" not in log
-    assert "Open the update transaction" not in log
+    assert "(cause: %s)" % _cases()[case] in log
+    # That no host was staged, stopped or changed is asserted on the hosts below (outcomes, not task names).
 
 
 def test_host_still_runs_v0_8_0_untouched(host, manifest):
