@@ -17,6 +17,7 @@ if str(SUPPORT) not in sys.path:
     sys.path.insert(0, str(SUPPORT))
 
 from cara_double import build_release, default_flavor  # noqa: E402
+from fleet import LocalFleet, releases_for  # noqa: E402
 from fixtures import fake_llm, llm  # noqa: E402,F401  pylint: disable=unused-import
 
 # Variables a host's environment never inherits from the test runner: cara's own, the provider keys (spec 10), and
@@ -210,3 +211,23 @@ def cara_flavor(request):
 def cara_host(cara_hosts, cara_flavor):
     """A host running the release that stands for cara_flavor."""
     return cara_hosts(FLAVOR_VERSIONS[cara_flavor], flavor=cara_flavor)
+
+
+@pytest.fixture(scope="session")
+def releases(lab, tmp_path_factory):
+    """Signed releases of the double for every tag local fleets serve (built once per test process)."""
+    return releases_for(lab, str(tmp_path_factory.mktemp("built")))
+
+
+@pytest.fixture
+def make_fleet(tmp_path, releases):  # pylint: disable=redefined-outer-name
+    """make(hosts, install): a LocalFleet under tmp_path; every fleet is stopped (and its start log checked) after."""
+    fleets = []
+
+    def make(hosts=1, install="v0.8.0"):
+        fleet = LocalFleet(tmp_path / ("f%d" % len(fleets)), releases, hosts=hosts, install=install)
+        fleets.append(fleet)
+        return fleet
+    yield make
+    for fleet in fleets:
+        fleet.stop()

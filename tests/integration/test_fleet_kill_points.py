@@ -10,29 +10,9 @@ teardown checks every start of every host: always on a terminal transaction, and
 import json
 import os
 
-import pytest
-
-from fleet import LocalFleet, releases_for, state_files, task_ids
+from fleet import state_files, task_ids
 
 ASSET = "cara-x86_64-linux"
-
-
-@pytest.fixture(scope="module")
-def releases(lab, tmp_path_factory):
-    return releases_for(lab, str(tmp_path_factory.mktemp("built")))
-
-
-@pytest.fixture
-def make_fleet(tmp_path, releases):
-    fleets = []
-
-    def make(hosts):
-        fleet = LocalFleet(tmp_path / ("f%d" % len(fleets)), releases, hosts=hosts, install="v0.8.0")
-        fleets.append(fleet)
-        return fleet
-    yield make
-    for fleet in fleets:
-        fleet.stop()
 
 
 def starts_of(fleet, name, version):

@@ -10,13 +10,8 @@ import urllib.request
 
 import pytest
 
-from fleet import LocalFleet, releases_for, state_files, task_ids
+from fleet import LocalFleet, state_files, task_ids
 from playbook import run_module
-
-
-@pytest.fixture(scope="module")
-def releases(lab, tmp_path_factory):
-    return releases_for(lab, str(tmp_path_factory.mktemp("built")))
 
 
 @pytest.fixture

@@ -5,12 +5,7 @@ import os
 
 import pytest
 
-from fleet import LocalFleet, releases_for
-
-
-@pytest.fixture(scope="module")
-def releases(lab, tmp_path_factory):
-    return releases_for(lab, str(tmp_path_factory.mktemp("built")))
+from fleet import LocalFleet
 
 
 @pytest.fixture

@@ -10,27 +10,9 @@ import time
 
 import pytest
 
-from fleet import BIN, COLLECTIONS, LocalFleet, releases_for, state_files
+from fleet import BIN, COLLECTIONS, LocalFleet, state_files
 
 UPGRADE_SERIAL = ["1", "100%"]
-
-
-@pytest.fixture(scope="module")
-def releases(lab, tmp_path_factory):
-    return releases_for(lab, str(tmp_path_factory.mktemp("built")))
-
-
-@pytest.fixture
-def make_fleet(tmp_path, releases):
-    fleets = []
-
-    def make(hosts=3, install="v0.8.0"):
-        fleet = LocalFleet(tmp_path / ("f%d" % len(fleets)), releases, hosts=hosts, install=install)
-        fleets.append(fleet)
-        return fleet
-    yield make
-    for fleet in fleets:
-        fleet.stop()
 
 
 def host_changed_counts(out):

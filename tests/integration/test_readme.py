@@ -13,12 +13,7 @@ import json5
 import pytest
 import yaml
 
-from fleet import ROOT, LocalFleet, releases_for
-
-
-@pytest.fixture(scope="module")
-def releases(lab, tmp_path_factory):
-    return releases_for(lab, str(tmp_path_factory.mktemp("built")))
+from fleet import ROOT, LocalFleet
 
 
 @pytest.fixture
