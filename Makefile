@@ -1,6 +1,7 @@
 # carapace.fleet: everything a fresh machine (Python 3.11, apt, pip) needs is installed from here.
 #   make test      set up, then lint, sanity, every pytest suite and the Molecule drills (CI runs this through .ci/run)
 #   make unit | integration | lint | sanity | doc      one part
+#   make docs                                         the HTML docs site, offline, in build/docs/build/html
 #   make refresh-trust-root                           re-pin Sigstore's production trusted_root.json
 #   make demo                                         the main job on an embedded local fleet
 #   make bench [BENCH_RECORD=1]                       benchmarks B1-B5 as ratios (benchmarks/RESULTS.md)
@@ -18,6 +19,7 @@ COLLECTION_LINK := $(COLLECTIONS)/ansible_collections/carapace/fleet
 SANITY_ROOT := $(CURDIR)/build/sanity/ansible_collections/carapace/fleet
 VERSION := $(shell sed -n 's/^version: *//p' galaxy.yml)
 ARTIFACT := build/dist/carapace-fleet-$(VERSION).tar.gz
+DOCS := build/docs
 # ansible-test fetches a pip bootstrap script from a host we cannot reach; we supply our own (see the script).
 ANSIBLE_TEST_PIP := $(HOME)/.ansible/test/cache/get_pip_24_2.py
 
@@ -29,9 +31,9 @@ include molecule/molecule.mk
 # Benchmarks (make bench, not part of make test); see benchmarks/README.md.
 include benchmarks/bench.mk
 
-.PHONY: test demo setup venv collection lint sanity unit integration doc build refresh-trust-root clean
+.PHONY: test demo setup venv collection lint sanity unit integration doc docs build refresh-trust-root clean
 
-test: setup lint sanity doc unit integration molecule
+test: setup lint sanity doc docs unit integration molecule
 	@echo "make test: all suites passed"
 
 setup: venv collection
@@ -55,8 +57,13 @@ $(COLLECTION_LINK):
 	mkdir -p $(dir $@)
 	ln -sfn ../../.. $@
 
+# ansible-lint, then the changelog: fragments, changelogs/changelog.yaml, and CHANGELOG.md as generated from them.
 lint: setup
 	$(BIN)/ansible-lint --offline --profile production
+	$(BIN)/antsibull-changelog lint
+	$(BIN)/antsibull-changelog lint-changelog-yaml --strict changelogs/changelog.yaml
+	mkdir -p build && $(BIN)/antsibull-changelog generate --output build/CHANGELOG.md --output-format md
+	diff -u CHANGELOG.md build/CHANGELOG.md || { echo "CHANGELOG.md is stale: run antsibull-changelog generate" >&2; exit 1; }
 
 # ansible-test wants the collection under ansible_collections/<ns>/<name> and lists files through git:
 # sanity runs on the built artifact (what Galaxy would ship), in a throwaway git repository.
@@ -78,6 +85,18 @@ doc: setup
 	$(BIN)/ansible-doc -t filter carapace.fleet.cara_upgrade_path >/dev/null
 	for r in roles/*/; do $(BIN)/ansible-doc -t role carapace.fleet.$$(basename $$r) >/dev/null || exit 1; done
 	@echo "ansible-doc: every module, filter and role renders"
+	$(BIN)/antsibull-docs lint-collection-docs --plugin-docs .
+	@echo "antsibull-docs: every module, filter, role entry point and runbook page lints"
+
+# The docs site with antsibull-docs and Sphinx, offline, warnings as errors (build.sh runs sphinx-build -W), then a
+# check that every module, filter, role and runbook has its page. sphinx-init wants a directory only its owner writes.
+docs: setup
+	rm -rf $(DOCS) && mkdir -p $(DOCS) && chmod 700 $(DOCS)
+	$(BIN)/antsibull-docs sphinx-init --use-current --squash-hierarchy --fail-on-error --dest-dir $(DOCS) \
+		--project carapace.fleet --title carapace.fleet --copyright 'carapace.fleet maintainers' carapace.fleet >/dev/null
+	$(BIN)/python scripts/docsite.py offline $(DOCS)
+	$(DOCS)/build.sh >$(DOCS)/build.log 2>&1 || { tail -n 40 $(DOCS)/build.log; exit 1; }
+	$(BIN)/python scripts/docsite.py check $(DOCS)
 
 unit: setup
 	$(BIN)/python -m pytest -q tests/unit

@@ -2,10 +2,11 @@
 
 import json
 import os
+import subprocess
 
 import pytest
 
-from fleet import LocalFleet
+from fleet import BIN, LocalFleet
 
 
 @pytest.fixture
@@ -38,6 +39,25 @@ def test_upgrade_then_rollback_playbook_then_a_passing_drill(fleet):
     drill = report["hosts"][0]["details"]["drill"]
     assert drill["version_restored"] and drill["state_identical"] and drill["rto_within_budget"]
     assert report["summary"]["ok"] is True
+    assert fleet.active("cara-01") == "v0.8.0"
+
+
+def test_a_run_without_a_target_release_is_refused_before_anything(fleet):
+    """cara_upgrade_version is required and has no default: the playbook refuses before it takes the lock, and the
+    role on its own refuses through its argument spec."""
+    rc, out = fleet.playbook("upgrade")
+    assert rc == 2, out[-3000:]
+    assert "Set cara_upgrade_version to the release tag" in out
+    assert not os.path.exists(os.path.join(fleet.base, "run.lock"))
+
+    play = os.path.join(fleet.base, "role_only.yml")
+    with open(play, "w", encoding="utf-8") as f:
+        f.write("- hosts: cara_fleet\n  gather_facts: false\n  roles: [carapace.fleet.cara_upgrade]\n")
+    proc = subprocess.run([os.path.join(BIN, "ansible-playbook"), "-i", fleet.inventory, play], cwd=fleet.base,
+                          env=fleet._env(), capture_output=True, text=True, timeout=300,  # pylint: disable=protected-access
+                          check=False)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert "missing required arguments: cara_upgrade_version" in proc.stdout + proc.stderr
     assert fleet.active("cara-01") == "v0.8.0"
 
 
