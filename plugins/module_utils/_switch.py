@@ -117,8 +117,9 @@ def install_file(src, dest, expected):
     except FileNotFoundError as exc:
         raise SwitchError("missing_src", "src %s does not exist: copy the verified file there first" % src) from exc
     # replace_symlink: a link planted at releases/<tag>/cara is replaced by the verified file, never written through
-    with os.fdopen(src_fd, "rb") as fin, _atomic.atomic_file(dest, mode=0o755, suffix="", replace_symlink=True,
-                                                              prefix=".%s.switch-" % os.path.basename(dest)) as fout:
+    prefix = ".%s.switch-" % os.path.basename(dest)
+    with os.fdopen(src_fd, "rb") as fin, \
+            _atomic.atomic_file(dest, mode=0o755, prefix=prefix, suffix="", replace_symlink=True) as fout:
         h = hashlib.sha256()
         for chunk in iter(lambda: fin.read(_CHUNK), b""):
             h.update(chunk)

@@ -183,7 +183,7 @@ def main():
         module.fail_json(msg=problem, cause="bad_argument")
     cli = _cara.CaraCLI(p["bin_path"], p["state_dir"], p["config_path"], runner=_cara.tolerant_module_runner(module))
     job = _backup_restore.HostRestore(cli, p["state_dir"], p["backup_dir"], backup=p["backup"], tag=p["tag"],
-                                              allow_unindexed=p["allow_unindexed"], restore_snapshot=p["restore_snapshot"])
+                                      allow_unindexed=p["allow_unindexed"], restore_snapshot=p["restore_snapshot"])
     try:
         result = job.run(check_mode=module.check_mode)
     except _backup_restore.BackupError as exc:

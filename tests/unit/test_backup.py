@@ -399,7 +399,7 @@ def test_unindexed_archive_with_traversal_is_refused_before_cara_runs(tmp_path, 
     evil = make_tar(tmp_path / "evil.tar.gz", [("sessions/../../../escape", "file", b"x")])
     with pytest.raises(_backup.BackupError) as info:
         _backup_restore.HostRestore(cli_for(releases["head"], host), str(host), str(tmp_path / "b"), backup=evil,
-                            allow_unindexed=True).run()
+                                    allow_unindexed=True).run()
     assert info.value.cause == "unsafe_member"
     assert not (tmp_path / "escape").exists()
 
