@@ -1,11 +1,12 @@
 # -*- coding: utf-8 -*-
 # Copyright: carapace.fleet maintainers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Driving the `cara` CLI and reading what it leaves on disk (cara-contract.md sections 1, 2, 7).
+"""Driving the `cara` CLI and reading what it leaves on disk (its commands, state dir and config, as Carapace's
+contract describes them).
 
 Domain logic only (no Ansible imports): commands run through a `runner(argv, env)` the caller passes
 (modules pass a wrapper of AnsibleModule.run_command), so this file is testable on its own. Tolerant of the
-differences between released v0.8.0 and HEAD (section 10): `status --json` exists only at HEAD, and
+differences between released v0.8.0 and HEAD: `status --json` exists only at HEAD, and
 v0.8.0's backup/restore have no daemon-running guard (callers enforce it with `daemon_running()`).
 """
 
@@ -17,6 +18,9 @@ import json
 import os
 import re
 import subprocess
+
+from ansible_collections.carapace.fleet.plugins.module_utils._errors import FleetError
+from ansible_collections.carapace.fleet.plugins.module_utils._version import version_from_output
 
 try:
     import json5
@@ -30,12 +34,14 @@ DAEMON_LOCK = ".matrix-rekey.lock.lock"
 PID_FILE = "daemon.pid"
 SECRET_KEY_RE = re.compile(r"(token|password|secret|apikey|api_key|passphrase|credential|private)", re.I)
 REDACTED = "********"
-_VERSION_RE = re.compile(r"cara (\S+)\s*")
 _CHECK_RE = re.compile(r"\[(PASS|FAIL|SKIP)\] ([^:]+): ?(.*)")
 
 
-class CaraError(Exception):
-    """A `cara` command or file that did not answer as the contract says."""
+class CaraError(FleetError):
+    """A `cara` command or file that did not answer as the contract says (cause `cara` unless given)."""
+
+    def __init__(self, message, cause="cara"):
+        super().__init__(cause, message)
 
 
 def platform_asset(system=None, machine=None):
@@ -51,7 +57,7 @@ def platform_asset(system=None, machine=None):
 
 
 def config_path(state_dir, explicit=None):
-    """Config file resolution of section 2.2 for a known state dir: explicit path, else carapace.json5, else .json."""
+    """cara's config file resolution for a known state dir: explicit path, else carapace.json5, else .json."""
     if explicit:
         return explicit
     json5_path = os.path.join(state_dir, "carapace.json5")
@@ -64,7 +70,7 @@ class Json5Missing(CaraError):
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 MAX_INCLUDE_DEPTH = 10
-# Variables that steer the loader itself: a config's `env` section cannot set them (section 7).
+# Variables that steer the loader itself: a config's `env` section cannot set them.
 LOADER_CONTROL_ENV = ("CARAPACE_STATE_DIR", "CARAPACE_CONFIG_PATH", "CARAPACE_CONFIG_PASSWORD",
                       "CARAPACE_DISABLE_CONFIG_CACHE", "CARAPACE_CONFIG_CACHE_MS")
 _ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -133,7 +139,7 @@ def _substitute(value, environ):
 
 
 def load_config(path, environ=None):
-    """The config as cara resolves it (section 2.2): JSON5, `$include` (depth <= 10), the `env` section, then `${VAR}`.
+    """The config as cara resolves it: JSON5, `$include` (depth <= 10), the `env` section, then `${VAR}`.
 
     Returns {} when the file does not exist. Raises CaraError when it does not load (Json5Missing when only the
     missing json5 module stands in the way: `config_from_cara` can then ask cara itself).
@@ -217,7 +223,7 @@ def redact(value):
 
 
 def gateway_facts(cfg):
-    """The ops-relevant gateway keys of section 7, secrets left out."""
+    """The ops-relevant gateway keys of the config (cara's defaults where unset), secrets left out."""
     port = config_get(cfg, "gateway.port", DEFAULT_PORT)
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         port = DEFAULT_PORT
@@ -234,7 +240,7 @@ def gateway_facts(cfg):
 
 
 def gateway_secret(cfg, environ=None):
-    """The credential `cara verify --outcome autonomy` would use: env first, then config (section 1.7)."""
+    """The credential `cara verify --outcome autonomy` would use: env first, then config."""
     environ = os.environ if environ is None else environ
     return (environ.get("CARAPACE_GATEWAY_TOKEN") or environ.get("CARAPACE_GATEWAY_PASSWORD")
             or config_get(cfg, "gateway.auth.token") or config_get(cfg, "gateway.auth.password"))
@@ -343,7 +349,7 @@ def port_listeners(port, proc_pids=_proc_pids, read=_proc_read):
 def find_daemon(state_dir, port=None):
     """Whether a cara daemon runs on `state_dir`, and how that was found: {"running", "pid", "how", "detail"}.
 
-    In order: HEAD's daemon lock and daemon.pid (section 2.3); then, since v0.8.0 has neither, the process table
+    In order: HEAD's daemon lock and daemon.pid; then, since v0.8.0 has neither, the process table
     (a `cara start` whose CARAPACE_STATE_DIR is this state dir) and the gateway port (anything listening there,
     with its PID when this user can see it). The port test fails closed: whatever holds cara's port counts.
     """
@@ -392,13 +398,6 @@ def pid_alive(pid):
     return True
 
 
-def parse_version(text):
-    """`cara 0.9.0` -> "0.9.0" (first line of `cara --version`), else None."""
-    first = (text or "").strip().splitlines()[:1]
-    match = _VERSION_RE.fullmatch(first[0]) if first else None
-    return match.group(1) if match else None
-
-
 def parse_status_text(text):
     """The text block of `cara status` -> {"version", "uptime", "address", "status", "channels", "platform"}."""
     fields = {}
@@ -429,13 +428,6 @@ def parse_verify(text):
             result["passed"] = True
             result["skipped"] = "skipped" in stripped
     return result
-
-
-def module_runner(module):
-    """A runner on AnsibleModule.run_command (no timeout there: cara's own commands are bounded, section 1.7)."""
-    def run(argv, env, timeout):  # pylint: disable=unused-argument
-        return module.run_command(argv, environ_update=env, check_rc=False)
-    return run
 
 
 def subprocess_runner(argv, env, timeout):
@@ -486,7 +478,7 @@ class CaraCLI:
     def version(self):
         """The installed version from `cara --version`, or None when it does not answer as cara does."""
         res = self.run("--version", timeout=30)
-        return parse_version(res["stdout"]) if res["rc"] == 0 else None
+        return version_from_output(res["stdout"]) if res["rc"] == 0 else None
 
     def status(self, port=None, host=None):
         """`cara status`, with `--json` where the release has it (HEAD), else the v0.8.0 text block."""
@@ -515,7 +507,7 @@ class CaraCLI:
 
 
 def parse_backup_output(text):
-    """`cara backup` stdout (section 1.4 step 6) -> {"path", "size", "included": [sections]}; missing lines are None."""
+    """`cara backup` stdout -> {"path", "size", "included": [sections]}; missing lines are None."""
     result = {"path": None, "size": None, "included": None}
     for line in (text or "").splitlines():
         key, sep, value = line.strip().partition(":")
@@ -533,7 +525,7 @@ def parse_backup_output(text):
 
 
 def parse_restore_output(text):
-    """`cara restore` stdout (section 1.5 step 7) -> {"restored": [sections] or None, "sessions": int}."""
+    """`cara restore` stdout -> {"restored": [sections] or None, "sessions": int}."""
     result = {"restored": None, "sessions": 0}
     for line in (text or "").splitlines():
         key, sep, value = line.strip().partition(":")
@@ -548,8 +540,9 @@ def parse_restore_output(text):
 
 
 def tolerant_module_runner(module):
-    """Like module_runner, but a binary that cannot be executed gives rc 127 and the OS error on stderr instead of
-    ending the module with fail_json; arguments are passed verbatim (no ~ or $VAR expansion)."""
+    """A runner on AnsibleModule.run_command (no timeout there: cara's own commands are bounded). A binary that
+    cannot be executed gives rc 127 and the OS error on stderr instead of ending the module with fail_json;
+    arguments are passed verbatim (no ~ or $VAR expansion)."""
     def run(argv, env, timeout):  # pylint: disable=unused-argument
         try:
             return module.run_command(argv, environ_update=env, check_rc=False, expand_user_and_vars=False,

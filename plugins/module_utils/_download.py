@@ -15,20 +15,16 @@ import os
 import time
 from urllib.parse import quote, unquote, urlparse
 
+from ansible_collections.carapace.fleet.plugins.module_utils._errors import FleetError
 from ansible_collections.carapace.fleet.plugins.module_utils._http import DeadlineExceeded, deadline, redact_url
 
 _CHUNK = 1 << 20
 DEFAULT_BASE_URL = "https://github.com/{repo}/releases/download/{tag}"
 
 
-class FetchError(Exception):
+class FetchError(FleetError):
     """A download failure with a machine-readable cause (not_found, http_error, timeout, too_large, truncated,
     connection_error, bad_source) and an operator-facing message."""
-
-    def __init__(self, cause, message):
-        super().__init__(message)
-        self.cause = cause
-        self.message = message
 
 
 class Source:

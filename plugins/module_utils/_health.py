@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: carapace.fleet maintainers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The post-upgrade health gate of Carapace's release policy, under one deadline (cara-contract.md 1.3, 1.7, 1.10, 6).
+"""The post-upgrade health gate of Carapace's release policy, under one deadline.
 
 Domain logic only (no Ansible imports). Two parts:
 
@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 
 from ansible_collections.carapace.fleet.plugins.module_utils._cara import DEFAULT_PORT
+from ansible_collections.carapace.fleet.plugins.module_utils._version import bare_version
 
 CHECKS = ("health", "ready", "status", "verify", "verify_auto", "verify_autonomy")
 # `cara verify --outcome` values (1.7); `matrix` exists at HEAD only. The policy's gate is auto + autonomy.
@@ -133,14 +134,6 @@ def http_get(url, timeout):
         raise OSError("broken HTTP answer from %s: %s: %s" % (url, type(exc).__name__, exc)) from exc
 
 
-def norm_version(version):
-    """"v0.9.0" and "0.9.0" are the same version; None stays None."""
-    if version is None:
-        return None
-    version = str(version).strip()
-    return version[1:] if version[:1] in ("v", "V") else version
-
-
 def _json_object(text):
     try:
         data = json.loads(text)
@@ -167,8 +160,8 @@ def probe_health(url, expected_version, timeout, get=http_get):
         obs["error"] = "/health answered HTTP %d with a body that is not a JSON object: %r" % (status, body[:200])
         return False, obs
     obs["version"] = data.get("version")
-    if expected_version and norm_version(obs["version"]) != norm_version(expected_version):
-        obs["error"] = "version mismatch: /health reports version %s, expected %s" % (obs["version"], norm_version(expected_version))
+    if expected_version and bare_version(obs["version"]) != bare_version(expected_version):
+        obs["error"] = "version mismatch: /health reports version %s, expected %s" % (obs["version"], bare_version(expected_version))
         return False, obs
     return True, obs
 
@@ -265,7 +258,7 @@ class HealthGate:
         self.cli = cli
         self.host = host
         self.port = int(port)
-        self.expected_version = norm_version(expected_version) if expected_version else None
+        self.expected_version = bare_version(expected_version) if expected_version else None
         # `verify` runs each of verify_outcomes in turn; verify_auto / verify_autonomy are shorthands for one outcome
         outcomes = list(verify_outcomes) if "verify" in checks else []
         outcomes += [o for o in ("auto", "autonomy") if "verify_" + o in checks and o not in outcomes]
@@ -357,7 +350,7 @@ class HealthGate:
         extra = {"url": url, "attempts": waited.attempts, "status_code": obs.get("status_code"),
                  "version": obs.get("version"), "body": obs.get("body")}
         if obs.get("version") is not None:
-            self.reported_version = norm_version(obs["version"])
+            self.reported_version = bare_version(obs["version"])
         if waited.done:
             want = " (as expected)" if self.expected_version else ""
             return self._pass("/health answered with version %s%s" % (obs.get("version"), want), **extra)
@@ -406,7 +399,7 @@ class HealthGate:
                               "follow cara's own message above; `cara status` only reads /health, so the daemon "
                               "stopped answering or the port is wrong. %s" % ROLLBACK_HINT, **extra)
         version = (res.get("health") or {}).get("version")
-        if self.expected_version and norm_version(version) != self.expected_version:
+        if self.expected_version and bare_version(version) != self.expected_version:
             return self._fail("version_mismatch", "`cara status` reports version %s, expected %s" % (version, self.expected_version),
                               "restart the service so it runs the switched binary. %s" % ROLLBACK_HINT, **extra)
         return self._pass("`cara status` (%s) reports version %s, status %s"

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: carapace.fleet maintainers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Read-only facts about one Carapace host (cara-contract.md sections 1.1, 2, 3.1, 3.7; shared/design.md).
+"""Read-only facts about one Carapace host: its binary, config, daemon, update markers, releases and backups.
 
 Domain logic only (no Ansible imports). Nothing here writes, and nothing here raises for a host without cara, a
 missing state dir or a corrupt file: every problem becomes an `*_error` string next to the fact it concerns.
@@ -15,13 +15,13 @@ import os
 import re
 import stat
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara, _safejson
-from ansible_collections.carapace.fleet.plugins.module_utils._backup import sha256_file
+from ansible_collections.carapace.fleet.plugins.module_utils import _backup_index, _cara, _safejson, _version
+from ansible_collections.carapace.fleet.plugins.module_utils._backup_archive import BackupError
+from ansible_collections.carapace.fleet.plugins.module_utils._digest import sha256_file
 from ansible_collections.carapace.fleet.plugins.module_utils._http import redact_url
 
 SWITCH_STATE = "state.json"  # written by cara_switch in install_root
-MARKER_MAX_BYTES = 64 * 1024  # cara reads its update markers capped at 64 KiB (section 3.1)
-_TAG_KEY = re.compile(r"v?(\d+)\.(\d+)\.(\d+)(?:-(.*))?")
+MARKER_MAX_BYTES = 64 * 1024  # cara reads its update markers capped at 64 KiB
 
 
 def read_json_marker(path):
@@ -135,17 +135,9 @@ def binary_facts(bin_path):
     return facts
 
 
-def _tag_key(tag):
-    match = _TAG_KEY.fullmatch(tag)
-    if not match:
-        return (1, (), tag)
-    major, minor, patch, pre = match.groups()
-    # a release sorts after its previews
-    return (0, (int(major), int(minor), int(patch), pre is None, pre or ""), tag)
-
-
 def kept_releases(install_root, bin_path):
-    """install_root/releases/<tag>/cara, oldest first: tag, path, sha256, size, active (the bin resolves to it)."""
+    """install_root/releases/<tag>/cara, oldest first (_version.sort_key: SemVer order, a release after its
+    pre-releases; names that are no version last): tag, path, sha256, size, active (the bin resolves to it)."""
     base = os.path.join(install_root, "releases")
     active = os.path.realpath(bin_path) if os.path.exists(bin_path) else None
     releases = []
@@ -153,7 +145,7 @@ def kept_releases(install_root, bin_path):
         tags = os.listdir(base)
     except OSError:
         return releases
-    for tag in sorted(tags, key=_tag_key):
+    for tag in sorted(tags, key=_version.sort_key):
         path = os.path.join(base, tag, "cara")
         if not os.path.isfile(path):
             continue
@@ -170,8 +162,8 @@ def kept_releases(install_root, bin_path):
 def backup_facts(backup_dir):
     """(entries, error): the backup index with an `exists` flag per archive (not re-hashed here)."""
     try:
-        index = _backup.read_index(backup_dir) if os.path.isdir(backup_dir) else {"backups": []}
-    except _backup.BackupError as exc:
+        index = _backup_index.read_index(backup_dir) if os.path.isdir(backup_dir) else {"backups": []}
+    except BackupError as exc:
         return [], exc.message
     entries = []
     for entry in index["backups"]:
@@ -221,11 +213,11 @@ def gather(bin_path, state_dir, config_path=None, install_root="/opt/carapace", 
     facts["version"] = None
     if executable:
         res = cli.run("--version", timeout=30)
-        facts["version"] = _cara.parse_version(res["stdout"]) if res["rc"] == 0 else None
+        facts["version"] = _version.version_from_output(res["stdout"]) if res["rc"] == 0 else None
         if facts["version"] is None:
             facts["version_error"] = "`%s --version` answered rc %s: %s" % (
                 bin_path, res["rc"], ((res["stdout"] or "") + (res["stderr"] or "")).strip()[:500])
-    facts["tag"] = _backup.tag_for_version(facts["version"]) if facts["version"] else None
+    facts["tag"] = _version.tag_for_version(facts["version"]) if facts["version"] else None
 
     facts["config_path"] = cli.config_path
     facts["config_exists"] = os.path.isfile(cli.config_path)

@@ -19,15 +19,18 @@ import json
 import os
 import socket
 import stat
-import tempfile
 import time
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _safejson
+from ansible_collections.carapace.fleet.plugins.module_utils import _atomic, _safejson
 from ansible_collections.carapace.fleet.plugins.module_utils._cara import pid_alive
+from ansible_collections.carapace.fleet.plugins.module_utils._errors import FleetError
 
 
-class LockHeld(Exception):
-    """Another live run holds the lock."""
+class LockHeld(FleetError):
+    """Another live run holds the lock (cause `lock_held`)."""
+
+    def __init__(self, message):
+        super().__init__("lock_held", message)
 
 
 def _cmdline(pid):
@@ -159,15 +162,8 @@ def _open_guard(path):
 
 
 def _write_new(path, data):
-    """Write data to path atomically: a fresh temp file (O_EXCL|O_NOFOLLOW, random name) renamed over it."""
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write data to path atomically (a fresh temp file, O_EXCL|O_NOFOLLOW, random name, renamed over it; 0600)."""
+    _atomic.write_file(path, data, mode=0o600, prefix=os.path.basename(path) + ".", replace_symlink=True)
 
 
 def acquire(path, run_id, pid):

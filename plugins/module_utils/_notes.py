@@ -4,7 +4,7 @@
 """The release-notes gate of Carapace's release policy.
 
 Domain logic only: the HTTP client is passed in (the module passes ansible-core's open_url), so this file has no
-Ansible imports. The policy's notes template (docs/release.md, "Release Notes Template") has seven sections:
+Ansible imports. The notes template of Carapace's release policy ("Release Notes Template") has seven sections:
 Summary, Breaking Changes, Migration Steps, Rollback Steps, Security, Verification, Known Caveats. Every one must
 be present and filled in ("None." counts as filled in), and breaking changes must be acknowledged by the operator
 for the very tag being installed.
@@ -21,6 +21,7 @@ import os
 import re
 from urllib.parse import unquote, urlparse
 
+from ansible_collections.carapace.fleet.plugins.module_utils._errors import FleetError
 from ansible_collections.carapace.fleet.plugins.module_utils._http import DeadlineExceeded, deadline, redact_url
 from ansible_collections.carapace.fleet.plugins.module_utils._version import normalize_tag
 
@@ -41,14 +42,12 @@ _COMMENT_RE = re.compile(r"<!--.*?-->", re.S)
 _NONE_TEXTS = ("none", "n/a")
 
 
-class NotesError(Exception):
+class NotesError(FleetError):
     """A gate failure with a machine-readable cause and an operator-facing message; `facts` are the parsed notes
     (sections, breaking, missing, ...) when the failure is about their content."""
 
     def __init__(self, cause, message, facts=None):
-        super().__init__(message)
-        self.cause = cause
-        self.message = message
+        super().__init__(cause, message)
         self.facts = facts or {}
 
 

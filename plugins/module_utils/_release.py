@@ -18,22 +18,22 @@ import shutil
 import tempfile
 
 from ansible_collections.carapace.fleet.plugins.module_utils._cara import pid_alive
+from ansible_collections.carapace.fleet.plugins.module_utils._digest import sha256_file
 from ansible_collections.carapace.fleet.plugins.module_utils._download import FetchError, Source, fetch
+from ansible_collections.carapace.fleet.plugins.module_utils._errors import FleetError
 from ansible_collections.carapace.fleet.plugins.module_utils._verify import (
-    VerifyError, check_sha256sums, parse_sha256sums, sha256_file, verify_bundle)
+    VerifyError, check_sha256sums, parse_sha256sums, verify_bundle)
 
 SUMS = "SHA256SUMS.txt"
 CHECKSUM_MODES = ("if_present", "required", "ignore")
 INCOMING_PREFIX = ".incoming-"
 
 
-class ReleaseError(Exception):
+class ReleaseError(FleetError):
     """Any failure of the run: `cause` is machine-readable, `message` names the file and the next step."""
 
     def __init__(self, cause, message, asset=None):
-        super().__init__(message)
-        self.cause = cause
-        self.message = message
+        super().__init__(cause, message)
         self.asset = asset
 
 

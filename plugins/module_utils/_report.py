@@ -19,10 +19,9 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import unicodedata
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _safejson
+from ansible_collections.carapace.fleet.plugins.module_utils import _atomic, _safejson
 
 RESULTS = ("upgraded", "unchanged", "rolled_back", "failed", "refused", "in_progress", "pending")
 ROW_KEYS = ("host", "from", "to", "result", "phase", "downtime_s", "rto_s", "sha256", "log_index", "backup")
@@ -30,19 +29,8 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def _atomic_write(path, text, mode=0o644):
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # A symlink planted at a row or summary is replaced, never written through (as before the shared helper).
+    _atomic.write_file(path, text, mode=mode, replace_symlink=True)
 
 
 def normalise_row(row):
@@ -157,11 +145,7 @@ def _link(target, path):
     """Make `path` a symlink to `target` (relative), replacing it atomically; refuses to replace a real file."""
     if os.path.lexists(path) and not os.path.islink(path):
         raise ValueError("%s exists and is not a link; move it aside" % path)
-    tmp = os.path.join(os.path.dirname(path), ".%s.%s" % (os.path.basename(path), os.getpid()))
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, path)
+    _atomic.replace_with_symlink(target, path)
 
 
 def link_latest(base, run_dir):

@@ -3,7 +3,7 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Installing verified `cara` binaries side by side and switching the active one atomically.
 
-Domain logic only (no Ansible imports). Layout on a host (shared/design.md, "Hosts on disk"):
+Domain logic only (no Ansible imports). Layout on a host:
 
     <install_root>/releases/<tag>/cara   every installed release, 0755, kept `keep` deep
     <install_root>/state.json            {"schemaVersion": 1, "active": REC, "previous": REC|null,
@@ -14,7 +14,7 @@ Domain logic only (no Ansible imports). Layout on a host (shared/design.md, "Hos
     <bin_path>                           symlink to the active release, replaced by symlink(temp name) + rename
 
 Nothing is ever kept beside the active path as `cara.bak`/`cara.old`: HEAD `cara` deletes such files at every start
-and v0.8.0 deletes every `*.bak`/`*.old` in the binary's directory (cara-contract.md 3.5, 3.7, 9.4). Temporary
+and v0.8.0 deletes every `*.bak`/`*.old` in the binary's directory (Carapace's contract). Temporary
 names are `.<name>.switch-<random>` and exist only for the instant between symlink() and rename().
 """
 
@@ -27,15 +27,14 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import stat
 import subprocess
-import tempfile
 import time
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _safejson
-from ansible_collections.carapace.fleet.plugins.module_utils._cara import parse_version
+from ansible_collections.carapace.fleet.plugins.module_utils import _atomic, _safejson
+from ansible_collections.carapace.fleet.plugins.module_utils._errors import FleetError
+from ansible_collections.carapace.fleet.plugins.module_utils._version import version_from_output
 
 STATE_FILE = "state.json"
 LOCK_FILE = ".switch.lock"
@@ -47,13 +46,8 @@ _HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
 _CHUNK = 1 << 20
 
 
-class SwitchError(Exception):
+class SwitchError(FleetError):
     """A refusal, with a machine-readable cause and a message that names the next step."""
-
-    def __init__(self, cause, message):
-        super().__init__(message)
-        self.cause = cause
-        self.message = message
 
 
 def check_tag(tag):
@@ -98,19 +92,6 @@ def hash_file(path, follow=True):
     return h.hexdigest()
 
 
-def fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def makedirs(path, mode=0o755):
     """Create missing directories with `mode` (not reduced by the umask)."""
     if os.path.isdir(path):
@@ -135,53 +116,35 @@ def install_file(src, dest, expected):
         src_fd = _open_regular(src, follow=False)
     except FileNotFoundError as exc:
         raise SwitchError("missing_src", "src %s does not exist: copy the verified file there first" % src) from exc
-    fd, tmp = tempfile.mkstemp(prefix=".%s.switch-" % os.path.basename(dest), dir=directory)
-    try:
+    # replace_symlink: a link planted at releases/<tag>/cara is replaced by the verified file, never written through
+    prefix = ".%s.switch-" % os.path.basename(dest)
+    with os.fdopen(src_fd, "rb") as fin, \
+            _atomic.atomic_file(dest, mode=0o755, prefix=prefix, suffix="", replace_symlink=True) as fout:
         h = hashlib.sha256()
-        with os.fdopen(src_fd, "rb") as fin, os.fdopen(fd, "wb") as fout:
-            for chunk in iter(lambda: fin.read(_CHUNK), b""):
-                h.update(chunk)
-                fout.write(chunk)
-            fout.flush()
-            os.fchmod(fout.fileno(), 0o755)
-            os.fsync(fout.fileno())
+        for chunk in iter(lambda: fin.read(_CHUNK), b""):
+            h.update(chunk)
+            fout.write(chunk)
         if h.hexdigest() != expected:
             raise SwitchError("digest_mismatch", "%s has sha256 %s, expected %s: refusing to install it, nothing was "
                                                  "switched. Fetch and verify the release again (cara_release)."
                               % (src, h.hexdigest(), expected))
-        written = hash_file(tmp, follow=False)
+        fout.flush()
+        fout.seek(0)
+        again = hashlib.sha256()
+        for chunk in iter(lambda: fout.read(_CHUNK), b""):
+            again.update(chunk)
+        written = again.hexdigest()
         if written != expected:
             raise SwitchError("digest_mismatch", "the copy of %s written to %s has sha256 %s, expected %s (disk or "
                                                  "filesystem fault?): nothing was switched" % (src, directory, written, expected))
-        os.replace(tmp, dest)
-        tmp = None
-        fsync_dir(directory)
-    finally:
-        if tmp is not None and os.path.lexists(tmp):
-            os.unlink(tmp)
     return expected
 
 
 def switch_link(bin_path, target):
     """Point bin_path at target atomically: symlink under a temp name in the same directory, then rename over bin_path.
     bin_path exists (old or new) at every moment; no other name is left behind."""
-    directory = os.path.dirname(bin_path) or "."
-    makedirs(directory)
-    for _attempt in range(5):
-        tmp = os.path.join(directory, ".%s.switch-%s" % (os.path.basename(bin_path), secrets.token_hex(6)))
-        try:
-            os.symlink(target, tmp)
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise SwitchError("io_error", "cannot create a temporary symlink in %s" % directory)
-    try:
-        os.replace(tmp, bin_path)
-    except OSError:
-        os.unlink(tmp)
-        raise
-    fsync_dir(directory)
+    makedirs(os.path.dirname(bin_path) or ".")
+    _atomic.replace_with_symlink(target, bin_path, prefix=".%s.switch-" % os.path.basename(bin_path))
 
 
 def default_version_of(path):
@@ -191,7 +154,7 @@ def default_version_of(path):
                               stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
         return None
-    return parse_version(proc.stdout) if proc.returncode == 0 else None
+    return version_from_output(proc.stdout) if proc.returncode == 0 else None
 
 
 def _utc_now():
@@ -340,20 +303,9 @@ class Switcher:
     def write_state(self, state):
         makedirs(self.install_root)
         state = dict(state, schemaVersion=SCHEMA_VERSION, updatedAt=_utc_now())
-        fd, tmp = tempfile.mkstemp(prefix=".state.json.", dir=self.install_root)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(state, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fchmod(f.fileno(), 0o644)
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
-            tmp = None
-            fsync_dir(self.install_root)
-        finally:
-            if tmp is not None and os.path.lexists(tmp):
-                os.unlink(tmp)
+        # read_state follows a symlinked state.json; a write replaces the link itself, as it always did
+        _atomic.write_file(self.state_path, json.dumps(state, indent=2, sort_keys=True) + "\n", mode=0o644,
+                           prefix=".state.json.", suffix="", replace_symlink=True)
 
     def _remove_stale_temps(self):
         """Temp links left by a run killed between symlink() and rename() (ours only: symlinks named .<name>.switch-*)."""

@@ -32,9 +32,9 @@ else:
     SIGSTORE_IMPORT_ERROR = None
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _pinned_root
-from ansible_collections.carapace.fleet.plugins.module_utils._digest import sha256_file  # noqa: F401  pylint: disable=unused-import
+from ansible_collections.carapace.fleet.plugins.module_utils._errors import FleetError
 # Tag syntax lives with the version logic (no sigstore import there, so planning stays cheap).
-from ansible_collections.carapace.fleet.plugins.module_utils._version import check_tag, is_preview  # noqa: F401  pylint: disable=unused-import
+from ansible_collections.carapace.fleet.plugins.module_utils._version import check_tag
 
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
 DEFAULT_REPO = "puremachinery/carapace"
@@ -45,13 +45,8 @@ _REPO_RE = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
 _HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 
-class VerifyError(Exception):
+class VerifyError(FleetError):
     """A verification failure, with a machine-readable cause and an operator-facing message."""
-
-    def __init__(self, cause, message):
-        super().__init__(message)
-        self.cause = cause
-        self.message = message
 
 
 def check_repo(repo):

@@ -1,9 +1,14 @@
 # -*- coding: utf-8 -*-
 # Copyright: carapace.fleet maintainers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Carapace versions and tags, the N-1 upgrade contract, and upgrade-path planning.
+"""Carapace versions and tags (the one place that parses, compares and orders them), the N-1 upgrade contract, and
+upgrade-path planning.
 
-Domain logic only (no Ansible imports). Carapace's release policy (docs/release.md, "Versioned N-1 Contract"):
+Domain logic only (no Ansible imports, no sigstore: host-side modules import it cheaply). Versions are ordered as
+SemVer orders them: a pre-release sorts before its release (v0.9.0-rc.1 < v0.9.0), and pre-release identifiers
+compare numerically where they are numbers (preview2 < preview12).
+
+Carapace's release policy ("Versioned N-1 Contract"):
 the supported upgrade is from the previous stable minor line (N-1) to the current one (N); previews are outside
 the contract, and so is skipping stable lines without their intermediate migrations. A "line" is
 (major, minor). Lines are read from the list of known stable tags, not computed: 0.9 -> 1.0 is N-1 -> N when no
@@ -18,6 +23,9 @@ from __future__ import annotations
 import re
 
 _TAG_RE = re.compile(r"v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z][0-9A-Za-z.-]*)?")
+_PATH_SAFE_RE = re.compile(r"[A-Za-z0-9._-]+")
+_PATH_UNSAFE_CHAR_RE = re.compile(r"[^A-Za-z0-9._-]")
+_OUTPUT_RE = re.compile(r"cara (\S+)\s*")
 
 
 def check_tag(tag):
@@ -33,12 +41,12 @@ def check_tag(tag):
 
 
 def is_preview(tag):
-    """True for a pre-release tag such as v0.1.0-preview3."""
-    return "-" in check_tag(tag)
+    """True for a pre-release tag such as v0.1.0-preview3 (outside the upgrade contract); ValueError for no tag."""
+    return parse_version(check_tag(tag)).is_preview
 
 
 # Tags whose binary reports another version (cara --version, /health). Carapace v0.4.1 was tagged without a
-# Cargo.toml bump (cara-contract.md section 8), so it reports 0.4.0.
+# Cargo.toml bump, so it reports 0.4.0.
 REPORTED_VERSION_QUIRKS = {"v0.4.1": "0.4.0"}
 
 _PRE_PART_RE = re.compile(r"[0-9]+|[^0-9]+")
@@ -153,9 +161,58 @@ def compare(a, b):
     return (va > vb) - (va < vb)
 
 
-def line_of(value):
-    """The release line (major, minor) of a tag or version."""
-    return parse_version(value).line
+def sort_key(name):
+    """An ordering key for names that are usually tags (release directories, say): versions first, oldest first,
+    in the order of Version; any other name after them, by name."""
+    try:
+        return (0, parse_version(name)._key(), name)  # pylint: disable=protected-access
+    except ValueError:
+        return (1, (), name)
+
+
+def version_from_output(text):
+    """The version `cara --version` prints (`cara 0.9.0` -> "0.9.0", first line only), else None. The string is
+    returned as printed, whether or not it is a release version."""
+    first = (text or "").strip().splitlines()[:1]
+    match = _OUTPUT_RE.fullmatch(first[0]) if first else None
+    return match.group(1) if match else None
+
+
+def bare_version(value):
+    """A version as /health and `cara status` compare it: stripped, without one leading `v` or `V`; None stays None."""
+    if value is None:
+        return None
+    value = str(value).strip()
+    return value[1:] if value[:1] in ("v", "V") else value
+
+
+def sanitize_for_path(text):
+    """cara's `sanitize_version_for_path`: any character outside [A-Za-z0-9._-] becomes `_`."""
+    return _PATH_UNSAFE_CHAR_RE.sub("_", text)
+
+
+def tag_for_version(version):
+    """`0.9.0` -> `v0.9.0`, the tag a reported version names files with; characters a file name should not carry
+    become `_` (a version that is no release tag still names its backup)."""
+    return sanitize_for_path(version if version.startswith("v") else "v" + version)
+
+
+def is_path_safe(version):
+    """True for a non-empty version made only of [A-Za-z0-9._-] that is not `.` or `..` (cara's rule for the
+    version in transaction.json)."""
+    return isinstance(version, str) and bool(_PATH_SAFE_RE.fullmatch(version)) and version not in (".", "..")
+
+
+def normalize_version(version):
+    """The version as cara stores it in transaction.json: without one leading `v`, non-empty and path-safe, else
+    ValueError. Not necessarily a release version: cara accepts any path-safe one."""
+    text = (version or "").strip()
+    if text[:1] == "v":
+        text = text[1:]
+    if not is_path_safe(text):
+        raise ValueError("version %r is not a release version: expected a tag such as v0.9.0 or 0.9.0 "
+                         "(letters, digits, '.', '_', '-')" % (version,))
+    return text
 
 
 def reported_version(tag):

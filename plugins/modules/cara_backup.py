@@ -21,7 +21,7 @@ description:
   - Keeps the newest O(retention) backups; older archives, their snapshots and their index entries are removed.
   - Requires the daemon to be stopped. Carapace's unreleased HEAD refuses a backup while its daemon runs; released
     v0.8.0 has no such guard, so this module enforces it for every release. Running means the daemon lock is held
-    or C(daemon.pid) is live (cara-contract section 2.3, v0.9.0+), or, since v0.8.0 writes neither, a C(cara start)
+    or C(daemon.pid) is live (v0.9.0+), or, since v0.8.0 writes neither, a C(cara start)
     process runs with this state dir or something listens on the gateway port.
   - With O(include_state_snapshot), also writes C(carapace-state-<tag>-<UTC>.tar.gz), a full snapshot of O(state_dir),
     recorded in the same index entry. C(cara backup) leaves out C(credentials/), C(auth_profiles.json), C(matrix/),
@@ -94,7 +94,7 @@ options:
     default: 0
 notes:
   - Archives are made 0600; they hold the config and sessions, which may hold secrets.
-  - C(cara backup) also archives C($HOME/.config/carapace/memory) of the user running the task (section 2.1).
+  - C(cara backup) also archives C($HOME/.config/carapace/memory) of the user running the task.
     Run the task as the daemon's user (C(become_user)) so that this is the daemon's memory.
   - An archive with an unsafe member or without the marker is removed and the task fails; nothing is recorded.
 seealso:

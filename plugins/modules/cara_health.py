@@ -82,7 +82,7 @@ options:
   verify_outcomes:
     description:
       - The C(cara verify) outcomes V(verify) runs. The release policy asks for V(auto) and V(autonomy).
-      - V(auto) is usually V(local-chat) (cara picks it from the config, section 1.7), a round trip through the LLM
+      - V(auto) is usually V(local-chat) (cara picks it from the config), a round trip through the LLM
         provider - it costs a model call and fails when the provider is slow or down.
       - Each outcome's result is returned under C(checks.verify_<outcome>) (V(local-chat) as C(verify_local_chat)).
     type: list

@@ -21,7 +21,7 @@ description:
     Tokens, passwords, keys and every value of the top-level C(env) map are replaced by C(********); any other string
     that contains one of those secrets is redacted too.
   - Whether the daemon runs - the daemon lock C(.matrix-rekey.lock.lock) in O(state_dir) is held, or C(daemon.pid)
-    names a live process (cara-contract section 2.3, v0.9.0+); v0.8.0 writes neither, so also a C(cara start) process
+    names a live process (v0.9.0+); v0.8.0 writes neither, so also a C(cara start) process
     with this state dir, or anything listening on the gateway port.
   - C(cara)'s update markers in C(<state_dir>/updates/) (C(transaction.json), C(rollback.json),
     C(startup_health_failure.json)), the releases kept under O(install_root)C(/releases/<tag>/cara) and the backups
@@ -155,7 +155,7 @@ config_error:
   returned: always
   type: str
 gateway:
-  description: Gateway facts of the config (defaults of cara-contract section 7 where unset).
+  description: Gateway facts of the config (cara's defaults where unset).
   returned: always
   type: dict
   contains:
@@ -184,7 +184,7 @@ state_dir_exists:
   type: bool
 daemon:
   description:
-    - Whether the daemon runs. v0.9.0+ (HEAD) holds a daemon lock and writes C(daemon.pid) (section 2.3); v0.8.0 has
+    - Whether the daemon runs. v0.9.0+ (HEAD) holds a daemon lock and writes C(daemon.pid); v0.8.0 has
       neither, so the process table and the gateway port are read as well.
   returned: always
   type: dict

@@ -21,7 +21,7 @@ description:
     user could swap files for symlinks to root's files while the restore writes. Run it as the state dir's owner
     (C(become_user), the roles' C(cara_state_user)), as C(cara) itself requires.
   - Requires the daemon to be stopped, for every release - v0.8.0's C(cara restore) has no guard of its own. Running
-    means the daemon lock is held or C(daemon.pid) is live (section 2.3, v0.9.0+), or, since v0.8.0 writes neither,
+    means the daemon lock is held or C(daemon.pid) is live (v0.9.0+), or, since v0.8.0 writes neither,
     a C(cara start) process runs with this state dir or something listens on the gateway port.
   - Runs C(cara restore <archive> --force). The path is positional and C(--force) is needed - the runbook's
     C(cara restore --path ...) is not valid syntax and C(cara restore) without C(--force) restores nothing. C(cara)
@@ -159,7 +159,7 @@ import traceback
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara
+from ansible_collections.carapace.fleet.plugins.module_utils import _backup_restore, _cara
 from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
@@ -182,11 +182,11 @@ def main():
     if problem:
         module.fail_json(msg=problem, cause="bad_argument")
     cli = _cara.CaraCLI(p["bin_path"], p["state_dir"], p["config_path"], runner=_cara.tolerant_module_runner(module))
-    job = _backup.HostRestore(cli, p["state_dir"], p["backup_dir"], backup=p["backup"], tag=p["tag"],
-                              allow_unindexed=p["allow_unindexed"], restore_snapshot=p["restore_snapshot"])
+    job = _backup_restore.HostRestore(cli, p["state_dir"], p["backup_dir"], backup=p["backup"], tag=p["tag"],
+                                      allow_unindexed=p["allow_unindexed"], restore_snapshot=p["restore_snapshot"])
     try:
         result = job.run(check_mode=module.check_mode)
-    except _backup.BackupError as exc:
+    except _backup_restore.BackupError as exc:
         module.fail_json(msg=exc.message, cause=exc.cause, actions=job.actions, **exc.extra)
     except OSError as exc:
         module.fail_json(msg="restore into %s failed: %s. The state may be partly restored; fix the cause, then run "

@@ -191,9 +191,9 @@ cause:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.carapace.fleet.plugins.module_utils._cara import parse_version
-from ansible_collections.carapace.fleet.plugins.module_utils._switch import SwitchError, Switcher
 from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
+from ansible_collections.carapace.fleet.plugins.module_utils._switch import SwitchError, Switcher
+from ansible_collections.carapace.fleet.plugins.module_utils._version import version_from_output
 
 
 def main():
@@ -217,7 +217,7 @@ def main():
 
     def version_of(path):
         rc, out, _err = module.run_command([path, "--version"], check_rc=False)
-        return parse_version(out) if rc == 0 else None
+        return version_from_output(out) if rc == 0 else None
 
     switcher = None
     try:

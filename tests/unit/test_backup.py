@@ -13,7 +13,7 @@ import tarfile
 
 import pytest
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara
+from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _backup_restore, _cara
 from cara_double import build_release
 
 MARKER = b"carapace-backup v1\ncreated=20260101T000000Z\n"
@@ -287,7 +287,7 @@ def test_symlinked_backup_dir_refused_by_backup_and_restore(tmp_path, host, rele
     assert info.value.cause == "unsafe_dir"
     assert os.listdir(real) == []
     with pytest.raises(_backup.BackupError) as info:
-        _backup.HostRestore(cli_for(releases["head"], host), str(host), str(tmp_path / "link")).run()
+        _backup_restore.HostRestore(cli_for(releases["head"], host), str(host), str(tmp_path / "link")).run()
     assert info.value.cause == "unsafe_dir"
 
 
@@ -334,11 +334,11 @@ def test_snapshot_round_trip_is_byte_identical(tmp_path, host, releases, flavor)
     (host / "updates" / "transaction.json").write_text('{"state": "in_progress"}')
     (host / "audit.jsonl").write_text("appended later\n")
 
-    plan = _backup.HostRestore(cli, str(host), backups).run(check_mode=True)
+    plan = _backup_restore.HostRestore(cli, str(host), backups).run(check_mode=True)
     assert plan["changed"] is True and (host / "sessions" / "s1.json").read_text() == "corrupt"
     assert set(plan["snapshot"]["remove"]) == {"credentials/added-after.json", "agents/deep/x"}
 
-    result = _backup.HostRestore(cli, str(host), backups).run()
+    result = _backup_restore.HostRestore(cli, str(host), backups).run()
     assert result["changed"] is True
     assert result["restored"] == ["sessions", "config", "cron", "tasks", "usage"]
     after = tree(host)
@@ -350,7 +350,7 @@ def test_snapshot_round_trip_is_byte_identical(tmp_path, host, releases, flavor)
     assert after == before
     assert not (host / "agents").exists()
 
-    again = _backup.HostRestore(cli, str(host), backups).run()
+    again = _backup_restore.HostRestore(cli, str(host), backups).run()
     assert again["changed"] is False and again["restored"] == []
 
 
@@ -363,21 +363,21 @@ def test_restore_refuses_tampered_unknown_and_running(tmp_path, host, releases):
     copy = tmp_path / "copy.tar.gz"
     copy.write_bytes(open(entry["path"], "rb").read())
     with pytest.raises(_backup.BackupError) as info:
-        _backup.HostRestore(cli, str(host), str(backups), backup=str(copy)).run()
+        _backup_restore.HostRestore(cli, str(host), str(backups), backup=str(copy)).run()
     assert info.value.cause == "unknown_backup" and "allow_unindexed" in info.value.message
-    unindexed = _backup.HostRestore(cli, str(host), str(backups), backup=str(copy), allow_unindexed=True)
+    unindexed = _backup_restore.HostRestore(cli, str(host), str(backups), backup=str(copy), allow_unindexed=True)
     assert unindexed.run(check_mode=True)["changed"] is True
 
     with open(entry["path"], "ab") as handle:
         handle.write(b"tampered")
     with pytest.raises(_backup.BackupError) as info:
-        _backup.HostRestore(cli, str(host), str(backups)).run()
+        _backup_restore.HostRestore(cli, str(host), str(backups)).run()
     assert info.value.cause == "tampered" and entry["sha256"] in info.value.message
     assert (host / "tasks" / "queue.json").read_text() == "corrupt"
 
     os.unlink(entry["path"])
     with pytest.raises(_backup.BackupError) as info:
-        _backup.HostRestore(cli, str(host), str(backups)).run()
+        _backup_restore.HostRestore(cli, str(host), str(backups)).run()
     assert info.value.cause == "missing_archive"
 
     # v0.8.0's own restore has no guard: ours refuses while the daemon lock is held
@@ -385,12 +385,12 @@ def test_restore_refuses_tampered_unknown_and_running(tmp_path, host, releases):
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         with pytest.raises(_backup.BackupError) as info:
-            _backup.HostRestore(cli, str(host), str(backups), backup=str(copy), allow_unindexed=True).run()
+            _backup_restore.HostRestore(cli, str(host), str(backups), backup=str(copy), allow_unindexed=True).run()
         assert info.value.cause == "daemon_running"
     finally:
         os.close(fd)
     assert (host / "tasks" / "queue.json").read_text() == "corrupt"
-    restored = _backup.HostRestore(cli, str(host), str(backups), backup=str(copy), allow_unindexed=True).run()
+    restored = _backup_restore.HostRestore(cli, str(host), str(backups), backup=str(copy), allow_unindexed=True).run()
     assert restored["changed"] is True and "tasks" in restored["restored"]
     assert (host / "tasks" / "queue.json").read_text() == '{"schemaVersion": 1, "tasks": []}\n'
 
@@ -398,8 +398,8 @@ def test_restore_refuses_tampered_unknown_and_running(tmp_path, host, releases):
 def test_unindexed_archive_with_traversal_is_refused_before_cara_runs(tmp_path, host, releases):
     evil = make_tar(tmp_path / "evil.tar.gz", [("sessions/../../../escape", "file", b"x")])
     with pytest.raises(_backup.BackupError) as info:
-        _backup.HostRestore(cli_for(releases["head"], host), str(host), str(tmp_path / "b"), backup=evil,
-                            allow_unindexed=True).run()
+        _backup_restore.HostRestore(cli_for(releases["head"], host), str(host), str(tmp_path / "b"), backup=evil,
+                                    allow_unindexed=True).run()
     assert info.value.cause == "unsafe_member"
     assert not (tmp_path / "escape").exists()
 
@@ -410,11 +410,11 @@ def test_latest_and_tag_selection(tmp_path, host, releases):
     old = _backup.HostBackup(cli_for(releases["v0.8.0"], host), str(host), backups, now=clock).run()["backup"]
     new = _backup.HostBackup(cli_for(releases["head"], host), str(host), backups, now=clock).run()["backup"]
     cli = cli_for(releases["head"], host)
-    assert _backup.HostRestore(cli, str(host), backups).select()[0]["path"] == new["path"]
-    assert _backup.HostRestore(cli, str(host), backups, tag="v0.8.0").select()[0]["path"] == old["path"]
-    assert _backup.HostRestore(cli, str(host), backups, backup=os.path.basename(old["path"])).select()[0] == old
+    assert _backup_restore.HostRestore(cli, str(host), backups).select()[0]["path"] == new["path"]
+    assert _backup_restore.HostRestore(cli, str(host), backups, tag="v0.8.0").select()[0]["path"] == old["path"]
+    assert _backup_restore.HostRestore(cli, str(host), backups, backup=os.path.basename(old["path"])).select()[0] == old
     with pytest.raises(_backup.BackupError) as info:
-        _backup.HostRestore(cli, str(host), backups, tag="v0.7.0").select()
+        _backup_restore.HostRestore(cli, str(host), backups, tag="v0.7.0").select()
     assert info.value.cause == "no_backup"
 
 
@@ -429,7 +429,7 @@ def test_snapshot_restore_refuses_a_symlinked_state_subdir(tmp_path, host, relea
     (host / "credentials").rmdir()
     (host / "credentials").symlink_to(victim)
     with pytest.raises(_backup.BackupError) as info:
-        _backup.HostRestore(cli, str(host), backups).run()
+        _backup_restore.HostRestore(cli, str(host), backups).run()
     assert info.value.cause == "unsafe_dir" and "credentials" in info.value.message
     assert os.listdir(victim) == []
 

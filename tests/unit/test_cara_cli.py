@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _cara
+from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _version
 
 STATUS_TEXT = """Carapace gateway status
 =======================
@@ -45,10 +45,10 @@ Outcome verification passed with skipped checks.
 
 
 def test_parse_version():
-    assert _cara.parse_version("cara 0.9.0\n") == "0.9.0"
-    assert _cara.parse_version("cara 0.1.0-preview3") == "0.1.0-preview3"
-    assert _cara.parse_version("carapace 0.9.0") is None
-    assert _cara.parse_version("") is None
+    assert _version.version_from_output("cara 0.9.0\n") == "0.9.0"
+    assert _version.version_from_output("cara 0.1.0-preview3") == "0.1.0-preview3"
+    assert _version.version_from_output("carapace 0.9.0") is None
+    assert _version.version_from_output("") is None
 
 
 def test_parse_status_text():

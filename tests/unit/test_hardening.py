@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from ansible_collections.carapace.fleet.plugins.module_utils import (
-    _backup, _hostinfo, _lock, _switch, _transaction, _verify, _version)
+    _backup, _backup_restore, _hostinfo, _lock, _switch, _transaction, _verify, _version)
 from ansible_collections.carapace.fleet.plugins.module_utils._report import Report
 
 RUN = {"id": "run-1", "kind": "upgrade", "target": "v0.9.0", "started": "2026-11-24T06:00:00Z"}
@@ -315,14 +315,14 @@ def _restore(tmp_path, state, archive_members=(("usage/usage.json", "file", b"{}
     backups.mkdir(mode=0o700, exist_ok=True)
     archive = _cara_archive(backups / "b.tar.gz", archive_members)
     cli = _NoCara(str(state / "carapace.json5"))
-    return cli, _backup.HostRestore(cli, str(state), str(backups), backup=archive, allow_unindexed=True)
+    return cli, _backup_restore.HostRestore(cli, str(state), str(backups), backup=archive, allow_unindexed=True)
 
 
 def test_item2_root_refuses_to_restore_over_a_state_dir_another_user_owns(tmp_path, monkeypatch):
     state = tmp_path / "state"
     state.mkdir()
     owner = _foreign_owned(state)
-    monkeypatch.setattr(_backup.os, "geteuid", lambda: 0)  # what cara_restore sees when it runs as root
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # what cara_restore sees when it runs as root
     cli, job = _restore(tmp_path, state)
     with pytest.raises(_backup.BackupError) as info:
         job.run()
@@ -337,7 +337,7 @@ def test_item2_root_refuses_when_a_parent_of_the_state_dir_belongs_to_another_us
     state = home / "state"
     state.mkdir()
     owner = _foreign_owned(home)  # its owner could swap state/ for a symlink at any time
-    monkeypatch.setattr(_backup.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     cli, job = _restore(tmp_path, state)
     with pytest.raises(_backup.BackupError) as info:
         job.run()

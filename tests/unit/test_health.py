@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _health
+from ansible_collections.carapace.fleet.plugins.module_utils import _health, _version
 from ansible_collections.carapace.fleet.plugins.module_utils._health import Deadline, HealthGate, wait_until
 
 
@@ -198,9 +198,9 @@ def test_probe_ready():
     assert not done and obs["error"] == "/health/ready answered HTTP 404: "
 
 
-def test_norm_version():
-    assert _health.norm_version("v0.9.0") == _health.norm_version(" 0.9.0") == "0.9.0"
-    assert _health.norm_version(None) is None
+def test_bare_version():
+    assert _version.bare_version("v0.9.0") == _version.bare_version(" 0.9.0") == _version.bare_version("V0.9.0") == "0.9.0"
+    assert _version.bare_version(None) is None
 
 
 def test_base_url_brackets_ipv6():

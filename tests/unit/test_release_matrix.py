@@ -11,7 +11,8 @@ import socket
 import pytest
 
 from ansible_collections.carapace.fleet.plugins.module_utils._release import ReleaseCache, ReleaseError
-from ansible_collections.carapace.fleet.plugins.module_utils._verify import GITHUB_ISSUER, TrustRoot, sha256_file
+from ansible_collections.carapace.fleet.plugins.module_utils._digest import sha256_file
+from ansible_collections.carapace.fleet.plugins.module_utils._verify import GITHUB_ISSUER, TrustRoot
 from sigstore_lab import PrivateSigstore, matrix_cases
 
 ASSET = "cara-x86_64-linux"

@@ -438,7 +438,7 @@ def test_foreign_owned_updates_dir_is_refused(sd, monkeypatch):
         os.chown(os.path.join(sd, "updates"), 65534, 65534)
     else:  # unprivileged: pretend to be someone else instead
         real = os.geteuid()
-        monkeypatch.setattr(txn.os, "geteuid", lambda: real + 1)
+        monkeypatch.setattr(os, "geteuid", lambda: real + 1)
         os.chown(sd, real, -1)
     err = refused("insecure_dir", txn.run, sd, "create", version="0.9.0")
     assert "is owned by" in err.message and "become_user" in err.message

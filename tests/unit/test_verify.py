@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _pinned_root, _verify
+from ansible_collections.carapace.fleet.plugins.module_utils import _pinned_root, _verify, _version
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,7 +38,7 @@ def test_bad_repos_are_refused(repo):
 
 @pytest.mark.parametrize("tag,preview", [("v0.9.0", False), ("v0.1.0-preview3", True), ("v1.0.0-rc.1", True)])
 def test_previews(tag, preview):
-    assert _verify.is_preview(tag) is preview
+    assert _version.is_preview(tag) is preview
 
 
 def test_identity_is_case_and_prefix_exact(lab, lab_root):
