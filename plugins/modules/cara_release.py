@@ -116,7 +116,7 @@ options:
       - How many more times a transient failure of one download is tried (connection refused or reset, a timeout, a
         truncated body, HTTP 5xx), after 0.5, 1, 2, 4... seconds (at most 8); each attempt gets its own O(timeout).
       - An HTTP 4xx answer is never retried, and neither is a file that fails its integrity or authenticity check
-        (digest, C(SHA256SUMS.txt), Sigstore bundle): such a file is refused at once. V(0) tries once.
+        (digest, C(SHA256SUMS.txt), Sigstore bundle), which is refused at once. V(0) tries once.
     type: int
     default: 3
   max_bytes:
