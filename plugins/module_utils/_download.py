@@ -15,8 +15,8 @@ import os
 import time
 from urllib.parse import quote, unquote, urlparse
 
-from ansible_collections.carapace.fleet.plugins.module_utils._http import (DEFAULT_RETRIES, DeadlineExceeded, attempts_note,
-                                                                         deadline, is_transient, redact_url, retrying)
+from ansible_collections.carapace.fleet.plugins.module_utils._http import (
+    DEFAULT_RETRIES, DeadlineExceeded, attempts_note, deadline, is_transient, redact_url, retrying)
 
 _CHUNK = 1 << 20
 DEFAULT_BASE_URL = "https://github.com/{repo}/releases/download/{tag}"

@@ -21,8 +21,8 @@ import os
 import re
 from urllib.parse import unquote, urlparse
 
-from ansible_collections.carapace.fleet.plugins.module_utils._http import (DEFAULT_RETRIES, DeadlineExceeded, attempts_note,
-                                                                         deadline, is_transient, redact_url, retrying)
+from ansible_collections.carapace.fleet.plugins.module_utils._http import (
+    DEFAULT_RETRIES, DeadlineExceeded, attempts_note, deadline, is_transient, redact_url, retrying)
 from ansible_collections.carapace.fleet.plugins.module_utils._version import normalize_tag
 
 DEFAULT_SECTIONS = ("Summary", "Breaking Changes", "Migration Steps", "Rollback Steps", "Security", "Verification",

@@ -161,7 +161,7 @@ class ReleaseCache:
         tmp = os.path.join(work, name)
         try:
             digest, size = fetch(self.source, name, tmp, self.opener, self.timeout, self.max_bytes,
-                                  retries=self.retries)
+                                 retries=self.retries)
         except FetchError as exc:
             raise ReleaseError(exc.cause, exc.message, name) from exc
         bundle_tmp = self._fetch_bundle(name, work)
@@ -178,7 +178,7 @@ class ReleaseCache:
         tmp = os.path.join(work, name + ".bundle")
         try:
             fetch(self.source, name + ".bundle", tmp, self.opener, self.timeout, self.max_bytes,
-                                  retries=self.retries)
+                  retries=self.retries)
         except FetchError as exc:
             if exc.cause == "not_found":
                 raise ReleaseError("missing_bundle", "%s: its Sigstore bundle %s.bundle is missing (%s). An unsigned "
