@@ -16,7 +16,8 @@ import time
 from urllib.parse import quote, unquote, urlparse
 
 from ansible_collections.carapace.fleet.plugins.module_utils._errors import FleetError
-from ansible_collections.carapace.fleet.plugins.module_utils._http import DeadlineExceeded, deadline, redact_url
+from ansible_collections.carapace.fleet.plugins.module_utils._http import (
+    DEFAULT_RETRIES, DeadlineExceeded, attempts_note, deadline, is_transient, redact_url, retrying)
 
 _CHUNK = 1 << 20
 DEFAULT_BASE_URL = "https://github.com/{repo}/releases/download/{tag}"
@@ -25,6 +26,10 @@ DEFAULT_BASE_URL = "https://github.com/{repo}/releases/download/{tag}"
 class FetchError(FleetError):
     """A download failure with a machine-readable cause (not_found, http_error, timeout, too_large, truncated,
     connection_error, bad_source) and an operator-facing message."""
+
+    def __init__(self, cause, message, status=None):
+        super().__init__(cause, message)
+        self.status = status  # the HTTP status of an http_error
 
 
 class Source:
@@ -63,8 +68,34 @@ class Source:
         return redact_url(self.location(name))
 
 
-def fetch(source, name, dest_path, opener, timeout, max_bytes):
+def fetch(source, name, dest_path, opener, timeout, max_bytes, retries=DEFAULT_RETRIES, sleep=None):
     """Copy one file of the release to `dest_path` (created 0600). Returns (sha256 hex, size).
+
+    A transient failure (connection reset or refused, timeout, truncated body, HTTP 5xx) is tried again, up to
+    `retries` more times with a short backoff (_http.retrying), each attempt with its own `timeout`; any other
+    failure (HTTP 4xx, too large, a bad source) is final at once. What was downloaded is checked by the caller
+    (digest, signature), never here: an integrity or authenticity failure is never retried.
+    """
+    tried = []
+
+    def attempt():
+        if tried and os.path.lexists(dest_path):  # what the failed attempt before left
+            os.unlink(dest_path)
+        tried.append(True)
+        return _fetch_once(source, name, dest_path, opener, timeout, max_bytes)
+
+    try:
+        return retrying(attempt, retries, lambda exc: isinstance(exc, FetchError) and is_transient(exc.cause, exc.status),
+                        **({"sleep": sleep} if sleep else {}))
+    except FetchError as exc:
+        note = attempts_note(exc)
+        if note:
+            raise FetchError(exc.cause, exc.message + note, exc.status) from exc
+        raise
+
+
+def _fetch_once(source, name, dest_path, opener, timeout, max_bytes):
+    """One attempt of fetch().
 
     `opener(url, timeout)` returns a file-like HTTP response (the modules pass _http.ansible_opener: ansible-core's
     open_url with headers, certificate validation and the redirect policy). `timeout` bounds the whole request:
@@ -138,7 +169,8 @@ def _http_failure(name, where, timeout, exc):
     if code == 404:
         return FetchError("not_found", "%s: not found at %s (HTTP 404)" % (name, where))
     if isinstance(code, int):
-        return FetchError("http_error", "%s: HTTP %d from %s. Retry later or use a mirror (base_url)." % (name, code, where))
+        return FetchError("http_error", "%s: HTTP %d from %s. Retry later or use a mirror (base_url)." % (name, code, where),
+                          status=code)
     return _read_failure(name, where, timeout, exc)
 
 

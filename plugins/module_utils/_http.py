@@ -8,6 +8,8 @@ Domain logic only (no Ansible imports): the client that opens one URL is passed 
 - redirect_opener / ansible_opener: redirects are followed here, not by the HTTP client, so that custom headers
   (Authorization, ...) are dropped once a redirect leaves the origin they were given for, and a redirect from https
   to http (or to any other scheme) is refused.
+- retrying: a bounded number of attempts for transient failures (connection reset, timeout, HTTP 5xx); any other
+  failure, and every integrity or authenticity failure (checked by the callers after a download), is final.
 - deadline: one deadline for a whole request (DNS, connect, TLS, the headers and the body), so a server that drips its
   headers or its body cannot hold a task past `timeout`.
 """
@@ -148,3 +150,44 @@ def deadline(seconds):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+DEFAULT_RETRIES = 3
+RETRY_BACKOFF = 0.5  # seconds before the first retry, doubled for each next one
+RETRY_BACKOFF_MAX = 8.0
+TRANSIENT_CAUSES = ("connection_error", "timeout", "truncated")
+
+
+def is_transient(cause, status=None):
+    """Whether a failed request may succeed when tried again: the connection failed or was cut (reset, timeout, a
+    truncated body), or the server answered 5xx. A 4xx answer (not found, forbidden, ...) is final, and so is every
+    other cause (too large, a refused redirect, a bad source)."""
+    if isinstance(status, int):
+        return 500 <= status < 600
+    return cause in TRANSIENT_CAUSES
+
+
+def retrying(attempt, retries, transient, sleep=time.sleep, backoff=RETRY_BACKOFF):
+    """attempt() up to 1 + `retries` times, while it raises an exception for which transient(exc) is true, sleeping
+    `backoff` seconds before the first retry and twice as long before each next one (at most RETRY_BACKOFF_MAX).
+    The last exception is raised with `.attempts` set to the number of attempts made; an exception that is not
+    transient is raised at once."""
+    if retries < 0:
+        raise ValueError("retries must be 0 or more")
+    delay = backoff
+    for number in range(1, retries + 2):
+        try:
+            return attempt()
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            exc.attempts = number
+            if number > retries or not transient(exc):
+                raise
+        sleep(min(delay, RETRY_BACKOFF_MAX))
+        delay *= 2
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def attempts_note(exc):
+    """' (after N attempts)' for an exception retrying() gave up on after more than one attempt, else ''."""
+    attempts = getattr(exc, "attempts", 1)
+    return " (after %d attempts)" % attempts if attempts > 1 else ""

@@ -22,7 +22,8 @@ import re
 from urllib.parse import unquote, urlparse
 
 from ansible_collections.carapace.fleet.plugins.module_utils._errors import FleetError
-from ansible_collections.carapace.fleet.plugins.module_utils._http import DeadlineExceeded, deadline, redact_url
+from ansible_collections.carapace.fleet.plugins.module_utils._http import (
+    DEFAULT_RETRIES, DeadlineExceeded, attempts_note, deadline, is_transient, redact_url, retrying)
 from ansible_collections.carapace.fleet.plugins.module_utils._version import normalize_tag
 
 DEFAULT_SECTIONS = ("Summary", "Breaking Changes", "Migration Steps", "Rollback Steps", "Security", "Verification",
@@ -51,16 +52,26 @@ class NotesError(FleetError):
         self.facts = facts or {}
 
 
-def read_notes(src, opener, timeout, max_bytes=MAX_BYTES):
+def read_notes(src, opener, timeout, max_bytes=MAX_BYTES, retries=DEFAULT_RETRIES, sleep=None):
     """The text of the notes at `src`: a local path, a file:// URL or an http(s) URL.
 
-    `opener(url, timeout)` returns a file-like HTTP response (the module passes ansible-core's open_url).
+    `opener(url, timeout)` returns a file-like HTTP response (the module passes ansible-core's open_url). A
+    transient failure of an http(s) URL (connection reset, timeout, HTTP 5xx) is tried again up to `retries` more
+    times with a short backoff; any other failure is final at once.
     """
     if not isinstance(src, str) or not src.strip():
         raise NotesError("bad_source", "src must name the release notes: a path, a file:// URL or an http(s) URL")
     parsed = urlparse(src)
     if parsed.scheme in ("http", "https"):
-        data = _read_url(src, opener, timeout, max_bytes)
+        try:
+            data = retrying(lambda: _read_url(src, opener, timeout, max_bytes), retries,
+                            lambda exc: isinstance(exc, NotesError) and is_transient(exc.cause, exc.facts.get("status")),
+                            **({"sleep": sleep} if sleep else {}))
+        except NotesError as exc:
+            note = attempts_note(exc)
+            if note:
+                raise NotesError(exc.cause, exc.message + note, exc.facts) from exc
+            raise
     elif parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise NotesError("bad_source", "src %s: file:// URLs must name a local path (file:///dir/notes.md)" % src)
@@ -136,7 +147,7 @@ def _open_failure(url, timeout, exc):
                           "and the path (docs/releases/<tag>.md)" % url)
     if isinstance(code, int):
         return NotesError("http_error", "HTTP %s fetching the release notes from %s. Retry later, or copy the "
-                          "notes to a file and point src at it" % (code, url))
+                          "notes to a file and point src at it" % (code, url), {"status": code})
     text = redact_url("%s: %s" % (type(exc).__name__, exc))
     if isinstance(exc, TimeoutError) or "timed out" in text.lower():
         return NotesError("timeout", "no answer from %s within timeout=%ss (%s). Check the network or raise "

@@ -21,6 +21,7 @@ from ansible_collections.carapace.fleet.plugins.module_utils._cara import pid_al
 from ansible_collections.carapace.fleet.plugins.module_utils._digest import sha256_file
 from ansible_collections.carapace.fleet.plugins.module_utils._download import FetchError, Source, fetch
 from ansible_collections.carapace.fleet.plugins.module_utils._errors import FleetError
+from ansible_collections.carapace.fleet.plugins.module_utils._http import DEFAULT_RETRIES
 from ansible_collections.carapace.fleet.plugins.module_utils._verify import (
     VerifyError, check_sha256sums, parse_sha256sums, verify_bundle)
 
@@ -41,7 +42,7 @@ class ReleaseCache:
     """One run of cara_release: `plan()` for check mode, `sync()` to fetch and verify for real."""
 
     def __init__(self, *, tag, repo, assets, dest, source, trust, identity, issuer, checksums,
-                 opener, move, timeout, max_bytes):
+                 opener, move, timeout, max_bytes, retries=DEFAULT_RETRIES):
         if checksums not in CHECKSUM_MODES:
             raise ValueError("checksums must be one of %s" % ", ".join(CHECKSUM_MODES))
         self.tag = tag
@@ -58,6 +59,7 @@ class ReleaseCache:
         self.move = move
         self.timeout = timeout
         self.max_bytes = max_bytes
+        self.retries = retries
         self.actions = []
         self.warnings = []
 
@@ -120,7 +122,8 @@ class ReleaseCache:
     def _fetch_sums(self, work, installs):
         tmp = os.path.join(work, SUMS)
         try:
-            digest, _size = fetch(self.source, SUMS, tmp, self.opener, self.timeout, self.max_bytes)
+            digest, _size = fetch(self.source, SUMS, tmp, self.opener, self.timeout, self.max_bytes,
+                                  retries=self.retries)
         except FetchError as exc:
             if exc.cause != "not_found":
                 raise ReleaseError(exc.cause, exc.message, SUMS) from exc
@@ -157,7 +160,8 @@ class ReleaseCache:
     def _fetch_asset(self, name, work, sums, installs):
         tmp = os.path.join(work, name)
         try:
-            digest, size = fetch(self.source, name, tmp, self.opener, self.timeout, self.max_bytes)
+            digest, size = fetch(self.source, name, tmp, self.opener, self.timeout, self.max_bytes,
+                                 retries=self.retries)
         except FetchError as exc:
             raise ReleaseError(exc.cause, exc.message, name) from exc
         bundle_tmp = self._fetch_bundle(name, work)
@@ -173,7 +177,8 @@ class ReleaseCache:
     def _fetch_bundle(self, name, work):
         tmp = os.path.join(work, name + ".bundle")
         try:
-            fetch(self.source, name + ".bundle", tmp, self.opener, self.timeout, self.max_bytes)
+            fetch(self.source, name + ".bundle", tmp, self.opener, self.timeout, self.max_bytes,
+                  retries=self.retries)
         except FetchError as exc:
             if exc.cause == "not_found":
                 raise ReleaseError("missing_bundle", "%s: its Sigstore bundle %s.bundle is missing (%s). An unsigned "

@@ -29,6 +29,8 @@ description:
     byte. It never holds C(daemon.pid) nor the lock files (C(*.lock)), nor what O(snapshot_exclude) names.
 author:
   - carapace.fleet maintainers (@carapace-fleet)
+extends_documentation_fragment:
+  - carapace.fleet.host_layout
 attributes:
   check_mode:
     support: full
@@ -45,23 +47,6 @@ attributes:
         many seconds whose archive still matches its sha256 and whose content equals what C(cara backup) (and the
         snapshot) would archive now, and returns it with C(changed=false).
 options:
-  bin_path:
-    description: The C(cara) binary that runs the backup.
-    type: path
-    default: /usr/local/bin/cara
-  state_dir:
-    description: Carapace's state directory (passed to C(cara) as C(CARAPACE_STATE_DIR)).
-    type: path
-    default: /var/lib/carapace
-  config_path:
-    description:
-      - The config file (passed as C(CARAPACE_CONFIG_PATH)); C(cara backup) archives it as C(config/<file name>).
-      - Defaults to O(state_dir)C(/carapace.json5) when it exists, else O(state_dir)C(/carapace.json).
-    type: path
-  backup_dir:
-    description: Private directory of the archives and their C(index.json). Must not be O(state_dir) itself.
-    type: path
-    default: /var/backups/carapace
   tag:
     description:
       - Tag in the archive name and the index, C(vMAJOR.MINOR.PATCH).
@@ -198,17 +183,13 @@ import traceback
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara
+from ansible_collections.carapace.fleet.plugins.module_utils import _backup, _cara, _layout
 from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            bin_path=dict(type="path", default="/usr/local/bin/cara"),
-            state_dir=dict(type="path", default="/var/lib/carapace"),
-            config_path=dict(type="path"),
-            backup_dir=dict(type="path", default="/var/backups/carapace"),
+        argument_spec=_layout.host_argument_spec(
             tag=dict(type="str"),
             retention=dict(type="int", default=5),
             include_state_snapshot=dict(type="bool", default=False),

@@ -28,6 +28,8 @@ description:
   - Never changes anything on the host itself, so the task always reports C(changed=false).
 author:
   - carapace.fleet maintainers (@carapace-fleet)
+extends_documentation_fragment:
+  - carapace.fleet.host_layout
 attributes:
   check_mode:
     support: full
@@ -42,20 +44,6 @@ attributes:
     support: full
     description: Read-only; always reports C(changed=false).
 options:
-  bin_path:
-    description: The C(cara) binary used for C(cara status) and C(cara verify).
-    type: path
-    default: /usr/local/bin/cara
-  state_dir:
-    description: The daemon's state directory, passed to C(cara) as E(CARAPACE_STATE_DIR).
-    type: path
-    default: /var/lib/carapace
-  config_path:
-    description:
-      - The daemon's config file, passed to C(cara) as E(CARAPACE_CONFIG_PATH) and read for C(gateway.port) and
-        C(gateway.control.enabled).
-      - Defaults to O(state_dir)/carapace.json5, else O(state_dir)/carapace.json.
-    type: path
   port:
     description: Gateway port. Defaults to C(gateway.port) of the config, else 18789.
     type: int
@@ -219,7 +207,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _cara
+from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _layout
 from ansible_collections.carapace.fleet.plugins.module_utils._health import (CHECKS, DEFAULT_OUTCOMES, DEFAULT_VERIFY_TIMEOUT,
                                                                              OUTCOMES, HealthGate, bounded_runner)
 from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
@@ -230,10 +218,7 @@ CHECK_MODE_REASON = ("check mode: `cara verify` is not run, since it leaves trac
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            bin_path=dict(type="path", default="/usr/local/bin/cara"),
-            state_dir=dict(type="path", default="/var/lib/carapace"),
-            config_path=dict(type="path"),
+        argument_spec=_layout.host_argument_spec(
             port=dict(type="int"),
             host=dict(type="str", default="127.0.0.1"),
             expected_version=dict(type="str"),

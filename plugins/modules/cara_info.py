@@ -30,6 +30,8 @@ description:
     unreadable file is reported in the matching C(*_error) value.
 author:
   - carapace.fleet maintainers (@carapace-fleet)
+extends_documentation_fragment:
+  - carapace.fleet.host_layout
 attributes:
   check_mode:
     support: full
@@ -40,29 +42,6 @@ attributes:
   idempotent:
     support: full
     description: Always C(changed=false).
-options:
-  bin_path:
-    description: The active C(cara) binary (usually a symlink to a release under O(install_root)).
-    type: path
-    default: /usr/local/bin/cara
-  state_dir:
-    description: Carapace's state directory (C(CARAPACE_STATE_DIR) of the daemon).
-    type: path
-    default: /var/lib/carapace
-  config_path:
-    description:
-      - The config file (C(CARAPACE_CONFIG_PATH) of the daemon).
-      - Defaults to O(state_dir)C(/carapace.json5) when it exists, else O(state_dir)C(/carapace.json), as C(cara) resolves
-        it.
-    type: path
-  install_root:
-    description: Where releases are kept, one per C(<install_root>/releases/<tag>/cara).
-    type: path
-    default: /opt/carapace
-  backup_dir:
-    description: Directory of the backups and their C(index.json) written by M(carapace.fleet.cara_backup).
-    type: path
-    default: /var/backups/carapace
 notes:
   - C(cara --version) is the only command run. Nothing is written.
 seealso:
@@ -300,18 +279,14 @@ platform_asset:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _hostinfo
+from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _hostinfo, _layout
 from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            bin_path=dict(type="path", default="/usr/local/bin/cara"),
-            state_dir=dict(type="path", default="/var/lib/carapace"),
-            config_path=dict(type="path"),
-            install_root=dict(type="path", default="/opt/carapace"),
-            backup_dir=dict(type="path", default="/var/backups/carapace"),
+        argument_spec=_layout.host_argument_spec(
+
         ),
         supports_check_mode=True,
     )

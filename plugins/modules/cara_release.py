@@ -111,6 +111,14 @@ options:
     description: Seconds one file's whole transfer may take (connection and every read included).
     type: int
     default: 60
+  retries:
+    description:
+      - How many more times a transient failure of one download is tried (connection refused or reset, a timeout, a
+        truncated body, HTTP 5xx), after 0.5, 1, 2, 4... seconds (at most 8); each attempt gets its own O(timeout).
+      - An HTTP 4xx answer is never retried, and neither is a file that fails its integrity or authenticity check
+        (digest, C(SHA256SUMS.txt), Sigstore bundle), which is refused at once. V(0) tries once.
+    type: int
+    default: 3
   max_bytes:
     description: Largest size accepted for any one file; a larger one is refused before or while it streams.
     type: int
@@ -288,6 +296,7 @@ def main():
             expected_issuer=dict(type="str", default=_verify.GITHUB_ISSUER),
             checksums=dict(type="str", choices=list(CHECKSUM_MODES), default="if_present"),
             validate_certs=dict(type="bool", default=True),
+            retries=dict(type="int", default=_http.DEFAULT_RETRIES),
             timeout=dict(type="int", default=60),
             max_bytes=dict(type="int", default=256 * 1024 * 1024),
             headers=dict(type="dict", default={}, no_log=True),
@@ -307,6 +316,8 @@ def main():
             raise ValueError("assets must be a non-empty list of plain file names, e.g. [cara-x86_64-linux]")
         if p["timeout"] <= 0 or p["max_bytes"] <= 0:
             raise ValueError("timeout and max_bytes must be positive")
+        if p["retries"] < 0:
+            raise ValueError("retries must be 0 or more")
         identity = p["expected_identity"] or _verify.release_identity(p["repo"], p["tag"])
         source = Source(p["base_url"], p["repo"], p["tag"])
     except ValueError as exc:
@@ -323,7 +334,8 @@ def main():
         trust = _verify.TrustRoot(p["trusted_root"])
         cache = ReleaseCache(tag=p["tag"], repo=p["repo"], assets=p["assets"], dest=p["dest"], source=source,
                              trust=trust, identity=identity, issuer=p["expected_issuer"], checksums=p["checksums"],
-                             opener=opener, move=module.atomic_move, timeout=p["timeout"], max_bytes=p["max_bytes"])
+                             opener=opener, move=module.atomic_move, timeout=p["timeout"], max_bytes=p["max_bytes"],
+                             retries=p["retries"])
         result = cache.plan() if module.check_mode else cache.sync()
     except _verify.VerifyError as exc:
         module.fail_json(msg=exc.message, cause=exc.cause)

@@ -63,6 +63,13 @@ options:
     description: Seconds to wait for an http(s) server.
     type: int
     default: 30
+  retries:
+    description:
+      - How many more times a transient failure of fetching the notes is tried (connection refused or reset, a timeout, a
+        truncated body, HTTP 5xx), after 0.5, 1, 2, 4... seconds (at most 8); each attempt gets its own O(timeout).
+      - An HTTP 4xx answer, a local file and notes that fail the gate are never retried. V(0) tries once.
+    type: int
+    default: 3
   validate_certs:
     description: Validate TLS certificates of https sources.
     type: bool
@@ -162,6 +169,7 @@ def main():
             tag=dict(type="str", required=True),
             ack_breaking=dict(type="str"),
             required_sections=dict(type="list", elements="str", default=list(_notes.DEFAULT_SECTIONS)),
+            retries=dict(type="int", default=_http.DEFAULT_RETRIES),
             timeout=dict(type="int", default=30),
             validate_certs=dict(type="bool", default=True),
         ),
@@ -174,6 +182,8 @@ def main():
         tag = normalize_tag(p["tag"])
         if p["timeout"] <= 0:
             raise ValueError("timeout must be a positive number of seconds")
+        if p["retries"] < 0:
+            raise ValueError("retries must be 0 or more")
         if not p["required_sections"] or any(not (s or "").strip() for s in p["required_sections"]):
             raise ValueError("required_sections must be a non-empty list of section names, e.g. [Summary, Breaking "
                              "Changes, Migration Steps, Rollback Steps, Security, Verification, Known Caveats]")
@@ -185,7 +195,7 @@ def main():
                                   http_agent="carapace.fleet cara_release_notes")
 
     try:
-        text = _notes.read_notes(p["src"], opener, p["timeout"])
+        text = _notes.read_notes(p["src"], opener, p["timeout"], retries=p["retries"])
         facts = _notes.check_notes(text, tag, p["ack_breaking"], p["required_sections"], src=p["src"])
     except _notes.NotesError as exc:
         extra = {k: v for k, v in exc.facts.items() if k != "warnings"}

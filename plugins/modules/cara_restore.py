@@ -35,6 +35,8 @@ description:
   - Files are written through a temporary file and a rename, so no symlink is ever followed in O(state_dir).
 author:
   - carapace.fleet maintainers (@carapace-fleet)
+extends_documentation_fragment:
+  - carapace.fleet.host_layout
 attributes:
   check_mode:
     support: full
@@ -57,23 +59,6 @@ options:
   tag:
     description: With O(backup=latest), the newest backup of this tag; with a path, the entry must have this tag.
     type: str
-  bin_path:
-    description: The C(cara) binary that runs the restore (after a rollback, the previous release).
-    type: path
-    default: /usr/local/bin/cara
-  state_dir:
-    description: Carapace's state directory (passed to C(cara) as C(CARAPACE_STATE_DIR)).
-    type: path
-    default: /var/lib/carapace
-  config_path:
-    description:
-      - The config file (passed as C(CARAPACE_CONFIG_PATH)); C(cara restore) writes C(config/<name>) into its directory.
-      - Defaults to O(state_dir)C(/carapace.json5) when it exists, else O(state_dir)C(/carapace.json).
-    type: path
-  backup_dir:
-    description: Directory of the archives and C(index.json) written by M(carapace.fleet.cara_backup).
-    type: path
-    default: /var/backups/carapace
   restore_snapshot:
     description: Restore the entry's state snapshot too, when it has one.
     type: bool
@@ -159,19 +144,15 @@ import traceback
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _backup_restore, _cara
+from ansible_collections.carapace.fleet.plugins.module_utils import _backup_restore, _cara, _layout
 from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
+        argument_spec=_layout.host_argument_spec(
             backup=dict(type="str", default="latest"),
             tag=dict(type="str"),
-            bin_path=dict(type="path", default="/usr/local/bin/cara"),
-            state_dir=dict(type="path", default="/var/lib/carapace"),
-            config_path=dict(type="path"),
-            backup_dir=dict(type="path", default="/var/backups/carapace"),
             restore_snapshot=dict(type="bool", default=True),
             allow_unindexed=dict(type="bool", default=False),
         ),

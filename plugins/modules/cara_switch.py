@@ -28,6 +28,8 @@ description:
     installs.
 author:
   - carapace.fleet maintainers (@carapace-fleet)
+extends_documentation_fragment:
+  - carapace.fleet.host_layout
 attributes:
   check_mode:
     support: full
@@ -62,14 +64,6 @@ options:
       - Release tag, the name of the directory under O(install_root)/releases, for example C(v0.9.0).
       - Required with O(state=present) and O(state=installed).
     type: str
-  install_root:
-    description: Directory holding C(releases/<tag>/cara) and C(state.json).
-    type: path
-    default: /opt/carapace
-  bin_path:
-    description: The active path, a symlink to the active release after the first switch.
-    type: path
-    default: /usr/local/bin/cara
   keep:
     description:
       - How many releases to keep under O(install_root)/releases, oldest removed first.
@@ -191,6 +185,7 @@ cause:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.carapace.fleet.plugins.module_utils import _layout
 from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 from ansible_collections.carapace.fleet.plugins.module_utils._switch import SwitchError, Switcher
 from ansible_collections.carapace.fleet.plugins.module_utils._version import version_from_output
@@ -198,12 +193,10 @@ from ansible_collections.carapace.fleet.plugins.module_utils._version import ver
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
+        argument_spec=_layout.host_argument_spec(
             src=dict(type="path"),
             sha256=dict(type="str"),
             tag=dict(type="str"),
-            install_root=dict(type="path", default="/opt/carapace"),
-            bin_path=dict(type="path", default="/usr/local/bin/cara"),
             keep=dict(type="int", default=3),
             state=dict(type="str", choices=["present", "previous", "installed"], default="present"),
         ),

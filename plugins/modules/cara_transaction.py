@@ -38,6 +38,8 @@ description:
     message says what is wrong. Inspect it, then remove it or use O(action=clear) with O(force=true).
 author:
   - carapace.fleet maintainers (@carapace-fleet)
+extends_documentation_fragment:
+  - carapace.fleet.host_layout
 attributes:
   check_mode:
     support: full
@@ -58,12 +60,6 @@ attributes:
       - O(action=resume) always starts a new attempt, and so does O(action=create) over a transaction for the same
         version that is past C(created) (it resumes it, as C(cara update) does).
 options:
-  state_dir:
-    description:
-      - Carapace's state directory on the host, exactly as C(cara) gets it in C(CARAPACE_STATE_DIR) (the paths in the
-        transaction must equal C({state_dir}/updates/cara-<version>) for C(cara) to accept it).
-    type: path
-    required: true
   action:
     description:
       - V(create) starts a transaction for O(version), phase C(created), attempt 1. Over an existing transaction it
@@ -279,14 +275,14 @@ import traceback
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.carapace.fleet.plugins.module_utils import _layout
 from ansible_collections.carapace.fleet.plugins.module_utils import _transaction as txn
 from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            state_dir=dict(type="path", required=True),
+        argument_spec=_layout.host_argument_spec(
             action=dict(type="str", required=True, choices=list(txn.ACTIONS)),
             version=dict(type="str"),
             asset_name=dict(type="str", choices=list(txn.ASSET_NAMES)),

@@ -77,6 +77,12 @@ def test_canary_failure_rolls_back_and_stops_the_line(make_fleet):
     for name in ("cara-02", "cara-03"):
         assert state_files(fleet.hostvars()[name]) == before[name]
         assert not os.listdir(fleet.hostvars()[name]["cara_backup_dir"])
+        # the fleet-wide plan only read them: their service script and start guard are installed in their own
+        # batch, which never came
+        run_dir = fleet.hostvars()[name]["cara_run_dir"]
+        assert not os.path.exists(os.path.join(run_dir, "cara-service")), name
+        assert not os.path.exists(os.path.join(run_dir, "cara-start-guard.py")), name
+    assert host_changed_counts(out)["cara-02"] == host_changed_counts(out)["cara-03"] == 0, out[-3000:]
     tx = json.load(open(os.path.join(fleet.hostvars()["cara-01"]["cara_state_dir"], "updates", "transaction.json"),
                         encoding="utf-8"))
     assert tx["state"] == "failed" and tx["retryable"] is False and "rolled back to v0.8.0" in tx["lastError"]

@@ -9,6 +9,7 @@ import os
 import pytest
 from ansible.module_utils.urls import open_url
 
+from ansible_collections.carapace.fleet.plugins.module_utils._http import DEFAULT_RETRIES
 from ansible_collections.carapace.fleet.plugins.module_utils._release import ReleaseCache, ReleaseError
 from ansible_collections.carapace.fleet.plugins.module_utils._verify import GITHUB_ISSUER, TrustRoot, release_identity
 from release_factory import publish, release_dir, sha256sums_text
@@ -29,10 +30,11 @@ def release(lab, release_server):
 
 
 def make_cache(tmp_path, lab_root, base, assets=tuple(ASSETS), checksums="if_present", timeout=10, max_bytes=1 << 24,
-               tag=TAG):
+               tag=TAG, retries=DEFAULT_RETRIES):
     return ReleaseCache(tag=tag, repo=REPO, assets=list(assets), dest=str(tmp_path / "cache"), source=base,
                         trust=TrustRoot(lab_root), identity=release_identity(REPO, tag), issuer=GITHUB_ISSUER,
-                        checksums=checksums, opener=opener, move=os.rename, timeout=timeout, max_bytes=max_bytes)
+                        checksums=checksums, opener=opener, move=os.rename, timeout=timeout, max_bytes=max_bytes,
+                        retries=retries)
 
 
 def cache_files(tmp_path):
@@ -99,15 +101,48 @@ def test_missing_asset_404(tmp_path, lab_root, release):
 
 
 def test_server_error_500(tmp_path, lab_root, release):
+    # a server error that does not clear: tried 1 + retries times, then the run fails with its cause
     release.faults["cara-x86_64-linux"] = {"status": 500}
     err = fail(make_cache(tmp_path, lab_root, release.release_url(REPO, TAG)))
     assert err.cause == "http_error" and "HTTP 500" in err.message
+    assert "(after %d attempts)" % (DEFAULT_RETRIES + 1) in err.message
+    assert release.attempts("cara-x86_64-linux") == DEFAULT_RETRIES + 1
     assert cache_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("fault", [{"status": 503, "times": 2}, {"status": 502, "times": 3}, {"reset": True, "times": 2},
+                                   {"truncate": 1000, "times": 1}],
+                         ids=["503-twice", "502-three-times", "reset-twice", "truncated-once"])
+def test_a_transient_failure_that_clears_is_retried(tmp_path, lab_root, release, fault):
+    release.faults["cara-x86_64-linux"] = fault
+    result = make_cache(tmp_path, lab_root, release.release_url(REPO, TAG)).sync()
+    got = result["assets"]["cara-x86_64-linux"]
+    assert got["checksum_verified"] is True
+    assert open(got["path"], "rb").read() == ASSETS["cara-x86_64-linux"]
+    assert release.attempts("cara-x86_64-linux") == fault["times"] + 1
+    assert release.downloads("cara-x86_64-linux") == 1 + (1 if "truncate" in fault else 0)
+
+
+def test_a_connection_reset_that_persists_fails_after_the_bound(tmp_path, lab_root, release):
+    release.faults["cara-x86_64-linux"] = {"reset": True}
+    err = fail(make_cache(tmp_path, lab_root, release.release_url(REPO, TAG), retries=1))
+    assert err.cause == "connection_error" and "(after 2 attempts)" in err.message
+    assert release.attempts("cara-x86_64-linux") == 2
+    assert cache_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("status", [403, 404, 429])
+def test_a_4xx_is_never_retried(tmp_path, lab_root, release, status):
+    release.faults["cara-x86_64-linux"] = {"status": status}
+    err = fail(make_cache(tmp_path, lab_root, release.release_url(REPO, TAG)))
+    assert err.cause == ("not_found" if status == 404 else "http_error")
+    assert "attempts" not in err.message
+    assert release.attempts("cara-x86_64-linux") == 1
 
 
 def test_server_slower_than_timeout(tmp_path, lab_root, release):
     release.faults["cara-x86_64-linux"] = {"delay": 3}
-    err = fail(make_cache(tmp_path, lab_root, release.release_url(REPO, TAG), timeout=1))
+    err = fail(make_cache(tmp_path, lab_root, release.release_url(REPO, TAG), timeout=1, retries=0))
     assert err.cause == "timeout" and "timeout=1s" in err.message
     assert cache_files(tmp_path) == []
 
@@ -115,7 +150,7 @@ def test_server_slower_than_timeout(tmp_path, lab_root, release):
 def test_dripping_body_is_bounded_by_the_whole_transfer_timeout(tmp_path, lab_root, release):
     # each 1 KiB chunk comes well within the socket timeout, the whole body does not
     release.faults["cara-x86_64-linux"] = {"drip": 0.05}
-    err = fail(make_cache(tmp_path, lab_root, release.release_url(REPO, TAG), timeout=1))
+    err = fail(make_cache(tmp_path, lab_root, release.release_url(REPO, TAG), timeout=1, retries=0))
     assert err.cause == "timeout"
     assert cache_files(tmp_path) == []
 
@@ -135,6 +170,7 @@ def test_truncated_transfer(tmp_path, lab_root, release):
     release.faults["cara-x86_64-linux"] = {"truncate": 1000}
     err = fail(make_cache(tmp_path, lab_root, release.release_url(REPO, TAG)))
     assert err.cause == "truncated" and err.asset == "cara-x86_64-linux"
+    assert release.attempts("cara-x86_64-linux") == DEFAULT_RETRIES + 1
     assert cache_files(tmp_path) == []
 
 
@@ -142,6 +178,8 @@ def test_tampered_byte_in_transit(tmp_path, lab_root, release):
     release.faults["cara-x86_64-linux"] = {"tamper": True}
     err = fail(make_cache(tmp_path, lab_root, release.release_url(REPO, TAG)))
     assert err.cause == "digest_mismatch" and err.asset == "cara-x86_64-linux"
+    # an integrity failure is never retried: one request, one download
+    assert release.attempts("cara-x86_64-linux") == 1
     assert cache_files(tmp_path) == []
 
 
@@ -252,3 +290,20 @@ def test_unsupported_scheme_is_refused(tmp_path, lab_root):
     with pytest.raises(FetchError) as err:
         make_cache(tmp_path, lab_root, "ftp://mirror.example/x")
     assert err.value.cause == "bad_source"
+
+
+def test_release_notes_retry_a_transient_failure_and_not_a_4xx(release):
+    from ansible_collections.carapace.fleet.plugins.module_utils import _notes  # pylint: disable=import-outside-toplevel
+    notes_dir = os.path.join(release.root, "notes")
+    os.makedirs(notes_dir, exist_ok=True)
+    with open(os.path.join(notes_dir, "v0.9.0.md"), "w", encoding="utf-8") as f:
+        f.write("# v0.9.0\n\n## Summary\n\nretried\n")
+    url = release.url + "/notes/v0.9.0.md"
+    release.faults["v0.9.0.md"] = {"status": 503, "times": 1}
+    assert "retried" in _notes.read_notes(url, opener, 5, sleep=lambda _s: None)
+    assert release.attempts("v0.9.0.md") == 2
+    release.faults["v0.9.0.md"] = {"status": 403}
+    with pytest.raises(_notes.NotesError) as err:
+        _notes.read_notes(url, opener, 5, sleep=lambda _s: None)
+    assert err.value.cause == "http_error" and "attempts" not in err.value.message
+    assert release.attempts("v0.9.0.md") == 3

@@ -12,13 +12,18 @@ per file name (any tag) or per full URL path, and can be changed while the serve
     server.faults["cara-x86_64-linux"] = {"truncate": 1000}      # send 1000 bytes, then close
     server.faults["cara-x86_64-linux"] = {"tamper": True}        # flip one byte in the middle
     server.faults["cara-x86_64-linux"] = {"pad": 10}             # append 10 bytes, Content-Length too
+    server.faults["cara-x86_64-linux"] = {"reset": True}         # close the connection without an answer (RST)
+    server.faults["cara-x86_64-linux"] = {"status": 503, "times": 2}   # the first 2 requests only, then it clears
 
-Every request is recorded in `server.requests` (path, status) so tests can count downloads.
+Every request is recorded in `server.requests` (path, status; 0 for a reset) so tests can count downloads
+(`downloads(name)`) and attempts (`attempts(name)`).
 """
 
 import http.server
 import os
 import re
+import socket
+import struct
 import threading
 import time
 
@@ -42,7 +47,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         owner = self.server.owner
         path = self.path.split("?", 1)[0]
         file_path = owner.resolve(path)
-        fault = owner.fault_for(path)
+        fault = owner.take_fault(path)
+        if fault.get("reset"):
+            owner.record(path, 0)
+            # SO_LINGER 0: close() sends a TCP RST, as a reset connection looks to the client
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
+            return
         if "delay" in fault:
             time.sleep(fault["delay"])
         status = fault.get("status")
@@ -141,8 +153,26 @@ class ReleaseServer:
         with self._lock:
             return sum(1 for p, s in self.requests if s == 200 and p.rsplit("/", 1)[-1] == name)
 
+    def attempts(self, name):
+        """How many requests for a file name (any tag) this server got, whatever it answered."""
+        with self._lock:
+            return sum(1 for p, _s in self.requests if p.rsplit("/", 1)[-1] == name)
+
     def fault_for(self, path):
         return self.faults.get(path) or self.faults.get(path.rsplit("/", 1)[-1]) or {}
+
+    def take_fault(self, path):
+        """The fault for this request; a fault with `times` counts down and clears after that many requests."""
+        with self._lock:
+            key = path if path in self.faults else path.rsplit("/", 1)[-1]
+            fault = self.faults.get(key) or {}
+            if "times" in fault:
+                left = fault["times"] - 1
+                if left <= 0:
+                    del self.faults[key]
+                else:
+                    self.faults[key] = dict(fault, times=left)
+            return fault
 
     def resolve(self, path):
         parts = [p for p in path.split("/") if p]
