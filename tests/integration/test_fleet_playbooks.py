@@ -61,6 +61,15 @@ def test_a_run_without_a_target_release_is_refused_before_anything(fleet):
     assert fleet.active("cara-01") == "v0.8.0"
 
 
+def test_a_role_argument_of_the_wrong_type_fails_the_run_and_leaves_no_lock(fleet):
+    """A failure no rescue sees (the role's argument spec) still releases the fleet lock."""
+    rc, out = fleet.playbook("upgrade", cara_upgrade_version="v0.9.0", cara_release_timeout="soon")
+    assert rc == 2, out[-3000:]
+    assert "cara_release_timeout" in out
+    assert not os.path.exists(os.path.join(fleet.base, "run.lock"))
+    assert fleet.active("cara-01") == "v0.8.0"
+
+
 def test_drill_verdict_fails_the_run_when_the_rto_budget_is_missed(fleet):
     rc, out = fleet.playbook("rollback_drill", cara_drill_version="v0.9.0", cara_drill_rto_budget_s=0,
                              cara_report_dir=os.path.join(fleet.base, "drill"))
