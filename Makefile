@@ -101,8 +101,10 @@ docs: setup
 unit: setup
 	$(BIN)/python -m pytest -q tests/unit
 
+# Runbook tests mostly wait on real processes: three pytest-xdist workers keep 2 cores busy (TEST_JOBS=0: serial).
+TEST_JOBS ?= 3
 integration: setup
-	$(BIN)/python -m pytest -q tests/integration
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal tests/integration
 
 refresh-trust-root: setup
 	$(BIN)/python scripts/refresh_trust_root.py

@@ -231,3 +231,17 @@ def make_fleet(tmp_path, releases):  # pylint: disable=redefined-outer-name
     yield make
     for fleet in fleets:
         fleet.stop()
+
+
+# The long runbook tests first, longest first, so that under pytest-xdist the short tests fill the workers at the end
+# instead of one worker running a long test alone.
+SLOW_FIRST = ("test_fleet_kill_points.py", "test_readme.py", "test_fleet_operator.py", "test_fleet_roles.py",
+              "test_fleet_refusals_and_chains.py", "test_fleet_playbooks.py", "test_fleet_never_resumed.py",
+              "test_fleet_tags.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+    items.sort(key=rank)

@@ -205,7 +205,7 @@ def test_ansible_doc_renders_the_filter_and_the_module():
     assert proc.returncode == 0, proc.stderr
     module_doc = json.loads(proc.stdout)["carapace.fleet.cara_release_notes"]
     assert set(module_doc["doc"]["options"]) == {"src", "tag", "ack_breaking", "required_sections", "timeout",
-                                                 "validate_certs"}
+                                                 "retries", "validate_certs"}
     assert set(module_doc["doc"]["attributes"]) == {"check_mode", "diff_mode", "idempotent"}
 
 

@@ -17,13 +17,15 @@ import time
 
 import fleetctl
 from fake_llm import FakeLLM
-from release_factory import build_releases, release_dir
+from release_factory import DEFAULT_FAULTS, build_releases, release_dir
 from release_server import ReleaseServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COLLECTIONS = os.path.join(ROOT, ".collections")
 BIN = os.path.dirname(sys.executable)
 _RELEASES = {}
+# The release whose gate fails: it never gets ready (release_factory's faults).
+FAULTY = next(tag for tag, faults in DEFAULT_FAULTS.items() if faults.get("ready_never"))
 
 
 def releases_for(lab, cache_dir):
@@ -70,7 +72,7 @@ class LocalFleet:
     it found (`starts()`, `assert_starts_terminal()`).
     """
 
-    def __init__(self, base, releases, hosts=3, install="v0.8.0", start=True):
+    def __init__(self, base, releases, hosts=3, install="v0.8.0", start=True, group_vars=None):
         self.base = str(base)
         self.releases = releases
         self.server = ReleaseServer(releases).start()
@@ -78,18 +80,20 @@ class LocalFleet:
         self.hosts = fleetctl.make_fleet(os.path.join(self.base, "fleet"), hosts, install=install, releases=releases,
                                          llm_url=self.llm.base_url, github_url=self.server.url)
         self.inventory = os.path.join(self.base, "fleet", "inventory.yml")
-        self._record_starts()
+        self._record_starts(group_vars or {})
         self.report_dir = os.path.join(self.base, "report")
         self.runs = 0
         self.guard_may_act = set()  # hosts a test restarted outside a run (reboot), where the start guard acts
         if start:
             self.start()
 
-    def _record_starts(self):
-        """Every host's daemon (started by fleetctl or by the roles' service script) logs each start it makes."""
+    def _record_starts(self, group_vars):
+        """Every host's daemon (started by fleetctl or by the roles' service script) logs each start it makes; the
+        inventory's cara_fleet group also gets `group_vars` (what an operator keeps in group_vars/cara_fleet.yml)."""
         with open(self.inventory, encoding="utf-8") as f:
             header = f.readline()
             inventory = json.load(f)
+        inventory["all"]["children"]["cara_fleet"].setdefault("vars", {}).update(group_vars)
         for name, hv in inventory["all"]["children"]["cara_fleet"]["hosts"].items():
             env = dict(hv.get("cara_service_environment") or {})
             env["CARA_DOUBLE_START_LOG"] = os.path.join(self.base, "fleet", "hosts", name, "starts.jsonl")
@@ -246,7 +250,9 @@ class LocalFleet:
             "cara_release_cache_dir": os.path.join(self.base, "cache"),
             "cara_report_dir": self.report_dir,
             "cara_fleet_lock_path": os.path.join(self.base, "run.lock"),
-            "cara_upgrade_health_timeout": 60,
+            # The faulty v0.9.1 never gets ready: a short deadline is enough to see its gate fail.
+            "cara_upgrade_health_timeout": 10 if FAULTY in (overrides.get("cara_upgrade_version"),
+                                                            overrides.get("cara_drill_version")) else 60,
         }
         values.update(overrides)
         return values
