@@ -1,6 +1,6 @@
 # carapace.fleet's start guard: run before every start of cara, by the unit (ExecStartPre) and the service script.
 #
-# cara resumes an interrupted update transaction by itself at every start (cara-contract 3.6): released v0.8.0
+# cara resumes an interrupted update transaction by itself at every start: released v0.8.0
 # downloads the target from GitHub and copies it over its own running binary. A transaction of carapace.fleet
 # (one with the `fleet` key) that cara would resume is therefore made terminal here first: failed, not retryable,
 # saying what happened. cara's own transactions (no `fleet` key) are cara's business and left alone. Exit 1 (so
