@@ -95,3 +95,21 @@ def test_verify_release_reports_pass_and_fail(fleet):
     assert len(os.listdir(os.path.join(report_dir, "verify"))) == 3  # two runs, each in its own directory, and latest
     assert report["status"] == "fail" and report["cause"] == "digest_mismatch"
     assert "cara-aarch64-darwin" in report["error"]
+
+
+def test_cara_release_retries_reaches_the_download(fleet):
+    """A release file that answers 503 once: with cara_release_retries 0 the run is refused before the stop, naming
+    the cause; with the default it is tried again and the upgrade goes through."""
+    asset = "cara-x86_64-linux"
+    fleet.server.faults[asset] = {"status": 503, "times": 1}
+    rc, out = fleet.playbook("upgrade", cara_upgrade_version="v0.9.0", cara_release_retries=0)
+    assert rc == 2, out[-3000:]
+    assert "(cause: http_error)" in out, out[-3000:]
+    assert fleet.active("cara-01") == "v0.8.0"
+
+    fleet.server.faults[asset] = {"status": 503, "times": 1}
+    rc, out = fleet.playbook("upgrade", cara_upgrade_version="v0.9.0")
+    assert rc == 0, out[-3000:]
+    assert fleet.active("cara-01") == "v0.9.0"
+    answers = [status for path, status in fleet.server.requests if path.endswith("/" + asset)]
+    assert answers == [503, 503, 200], answers
