@@ -6,27 +6,9 @@ import os
 
 import pytest
 
-from fleet import LocalFleet, releases_for, state_files
+from fleet import state_files
 
 HOST = "cara-01"
-
-
-@pytest.fixture(scope="module")
-def releases(lab, tmp_path_factory):
-    return releases_for(lab, str(tmp_path_factory.mktemp("built")))
-
-
-@pytest.fixture
-def make_fleet(tmp_path, releases):
-    fleets = []
-
-    def make(hosts=1, install="v0.8.0"):
-        fleet = LocalFleet(tmp_path / ("f%d" % len(fleets)), releases, hosts=hosts, install=install)
-        fleets.append(fleet)
-        return fleet
-    yield make
-    for fleet in fleets:
-        fleet.stop()
 
 
 def _snapshot(fleet):
