@@ -1,9 +1,10 @@
 """B3 per-host downtime of an upgrade (service stop -> gate passed) vs the bare runbook commands on the same host.
 
-Goal: <= 1.3x the bare commands. One local host, v0.8.0 -> v0.9.0, repeated: each round runs the upgrade playbook,
-the rollback playbook (back to v0.8.0, state restored), then bare_runbook.sh upgrade and rollback. The figure is
-the window from the start of the stop task to the end of the health gate (timing callback); the fleet report's
-own downtime_s (measured by the role from the transaction's down_at) is shown beside it.
+Goal: <= 1.5x the bare commands (issue 16). One local host, v0.8.0 -> v0.9.0, repeated: each round runs the
+upgrade playbook, the rollback playbook (back to v0.8.0, state restored), then bare_runbook.sh upgrade and rollback.
+The window runs on the host in one task (carapace.fleet.cara_apply): the figure is its downtime as the host saw it,
+from just before the stop to the gate passed (fleet report downtime_s), the span bare_runbook.sh times. The window
+task's wall time on the controller (async launch and polls included) is shown beside it.
 
     BENCH_B3_REPEAT (2)
 """
@@ -14,10 +15,9 @@ import benchlib
 import hostrun
 from fleetrun import RECOMMENDED, BenchFleet, Settings
 
-GOAL = 1.3
+GOAL = 1.5
 HOST = "cara-01"
-STOP = "Stop cara (service script)"
-GATE = "Gate on health, readiness, status and verify (auto, autonomy) under one deadline"
+WINDOW = "Run the downtime window on the host (rolls back by itself on a failure)"
 
 
 def main():
@@ -29,10 +29,11 @@ def main():
     with BenchFleet("b3", 1, settings=settings) as fleet:
         for _round in range(repeat):
             run = fleet.upgrade().check("B3 upgrade")
-            seconds, tasks = hostrun.window(run, HOST, STOP, GATE)
+            seconds, _tasks = hostrun.window(run, HOST, WINDOW, WINDOW)
             windows.append(seconds)
-            reported.append(run.report()["hosts"][0]["downtime_s"])
-            details.append(hostrun.breakdown(tasks))
+            row = run.report()["hosts"][0]
+            reported.append(row["downtime_s"])
+            details.append(hostrun.phases(row["details"]["phases"]))
             back = fleet.playbook("rollback").check("B3 rollback playbook")
             rtos.append(back.report()["hosts"][0]["rto_s"])
             total, steps = hostrun.bare(fleet, HOST, "upgrade")
@@ -41,17 +42,17 @@ def main():
             hostrun.bare(fleet, HOST, "rollback")
         floor = hostrun.task_floor(os.path.join(fleet.dir, "floor"), settings)
     base = benchlib.median(bare_totals)
-    value = benchlib.median(windows)
+    value = benchlib.median(reported)
     r = benchlib.ratio(value, base)
-    results.figure("downtime, upgrade playbook (stop task start -> gate end)", value, "s", baseline=base,
-                   goal="<= %gx" % GOAL, met=r is not None and r <= GOAL,
-                   detail="runs %s; bare runs %s; last run: %s; bare steps: %s"
-                          % (windows, bare_totals, details[-1], bare_steps[-1]))
-    results.figure("downtime_s in the fleet report (from the transaction's down_at)", benchlib.median(reported), "s",
-                   baseline=base, detail="runs %s; down_at is taken after the stop task returns, so the stop "
-                                         "itself is not in it" % reported)
+    results.figure("downtime, upgrade playbook (host window: before the stop -> gate passed)", value, "s",
+                   baseline=base, goal="<= %gx" % GOAL, met=r is not None and r <= GOAL,
+                   detail="runs %s; bare runs %s; last run's phases: %s; bare steps: %s"
+                          % (reported, bare_totals, details[-1], bare_steps[-1]))
+    results.figure("the window task on the controller (async launch -> last poll)", benchlib.median(windows), "s",
+                   baseline=base, detail="runs %s; the service is up again at the gate, inside this; the rest is "
+                                         "the launch before the stop and the poll interval after the gate" % windows)
     results.figure("one module task that does nothing (command: true), same host", floor, "s",
-                   detail="the fixed price of every module task in the window")
+                   detail="the fixed price of a module task; the window pays it once")
     results.figure("RTO of the rollback playbook (back to v0.8.0 with the backup restored)", benchlib.median(rtos), "s",
                    detail="runs %s (B4 measures the drill)" % rtos)
     results.note("settings: " + settings.label())

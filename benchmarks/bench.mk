@@ -9,10 +9,10 @@
 # Sizes and settings: see benchmarks/README.md (BENCH_B1_SIZES, BENCH_B5_HOSTS, BENCH_FORKS, ...).
 
 BENCH_NICE ?= nice -n 10
-BENCH_SCRIPTS := b1_verification b2_download b3_downtime b4_rollback_rto b5_scaling
+BENCH_SCRIPTS := b1_verification b2_download b3_downtime b4_rollback_rto b5_scaling b6_controller_lost
 BENCH_DEPS_STAMP := build/bench/.deps-installed
 
-.PHONY: bench bench-quick bench-profile bench-deps bench-report $(addprefix bench-,b1 b2 b3 b4 b5)
+.PHONY: bench bench-quick bench-profile bench-deps bench-report $(addprefix bench-,b1 b2 b3 b4 b5 b6)
 
 bench-deps: $(BENCH_DEPS_STAMP)
 
@@ -37,7 +37,7 @@ bench-quick: export BENCH_B4_FAULTY ?= 0
 bench-quick: export BENCH_B5_HOSTS ?= 4
 bench-quick: bench
 
-bench-b1 bench-b2 bench-b3 bench-b4 bench-b5: setup bench-deps
+bench-b1 bench-b2 bench-b3 bench-b4 bench-b5 bench-b6: setup bench-deps
 	$(BENCH_NICE) $(BIN)/python benchmarks/$(filter $(subst bench-,,$@)_%,$(BENCH_SCRIPTS)).py
 
 bench-report:

@@ -93,7 +93,8 @@ class Results:
     """The figures of one benchmark script, printed as they come and saved as JSON at the end."""
 
     def __init__(self, bench, title):
-        self.bench = bench
+        # BENCH_SUFFIX names a variant run of the same script (e.g. "-mitogen" with BENCH_STRATEGY=mitogen_linear)
+        self.bench = bench + os.environ.get("BENCH_SUFFIX", "")
         self.data = {"bench": bench, "title": title, "machine": machine(), "figures": [], "notes": [],
                      "started": time.time()}
 

@@ -66,6 +66,10 @@ class Settings:
             lines.append("internal_poll_interval = %s" % self.poll_interval)
         if self.strategy:
             lines.append("strategy = %s" % self.strategy)
+        if (self.strategy or "").startswith("mitogen_"):  # mitogen (benchmarks/requirements.txt) ships its strategies
+            import ansible_mitogen  # pylint: disable=import-outside-toplevel
+            lines.append("strategy_plugins = %s" % os.path.join(os.path.dirname(ansible_mitogen.__file__), "plugins",
+                                                                "strategy"))
         with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
         return path
@@ -254,6 +258,10 @@ class BenchFleet:
 
     def stop(self):
         self.fleet.stop()
+
+    def window_record(self, name):
+        """The host's window record (install_root/window.json) of carapace.fleet.cara_apply, or None."""
+        return self.fleet.window(name)
 
     def playbook(self, name, *, sample=False, timeout=3600, **extra):
         """Run carapace.fleet.<name> with the settings and a fresh report dir; returns a PlaybookRun."""

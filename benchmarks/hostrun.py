@@ -55,6 +55,11 @@ def breakdown(tasks, threshold=0.1):
         ", ".join("%s %.2f" % (t["task"].split(" : ")[-1][:40], t["duration"]) for t in costly))
 
 
+def phases(records):
+    """`stop 0.21, backup 0.35, ...` of a window's phases (the host's own timings)."""
+    return ", ".join("%s %.2f" % (p["phase"], (p["end"] or p["start"]) - p["start"]) for p in records)
+
+
 def task_floor(work, settings, count=10):
     """Median seconds of a task that does nothing (`command: true`) on a local host: the price of one module task."""
     import pathlib  # pylint: disable=import-outside-toplevel

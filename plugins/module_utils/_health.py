@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import subprocess
 import time
 import urllib.error
 import urllib.request
 
+from ansible_collections.carapace.fleet.plugins.module_utils import _cara
 from ansible_collections.carapace.fleet.plugins.module_utils._cara import DEFAULT_PORT
+from ansible_collections.carapace.fleet.plugins.module_utils._errors import FleetError
 from ansible_collections.carapace.fleet.plugins.module_utils._version import bare_version
 
 CHECKS = ("health", "ready", "status", "verify", "verify_auto", "verify_autonomy")
@@ -451,3 +454,34 @@ class HealthGate:
                                                                 sum(1 for c in summary if c["result"] == "PASS"))
         detail += ", %d skipped by cara: %s)" % (len(skips), "; ".join("%s: %s" % (c["name"], c["detail"]) for c in skips)) if skips else ")"
         return self._pass(detail, **extra)
+
+
+# -- one gate, as cara_health and cara_apply build it -----------------------------------------------------------------
+
+class GateSetupError(FleetError):
+    """The gate cannot be built (unreadable config, no executable binary): `cause` as cara_health reports it."""
+
+
+def build_gate(bin_path, state_dir, config_path=None, expected_version=None, checks=("health", "ready", "status", "verify"),
+               timeout=120, interval=1.0, port=None, host="127.0.0.1", verify_outcomes=DEFAULT_OUTCOMES,
+               verify_timeout=DEFAULT_VERIFY_TIMEOUT, gateway_token=None, verify_skip_reason=None):
+    """The HealthGate for one host: config read (as cara reads it), port and control routes from it, the secrets to
+    scrub from every record. Raises GateSetupError."""
+    config_file = _cara.config_path(state_dir, config_path)
+    extra_env = {"CARAPACE_GATEWAY_TOKEN": gateway_token} if gateway_token else {}
+    cli = _cara.CaraCLI(bin_path, state_dir, config=config_file, runner=bounded_runner, extra_env=extra_env,
+                        timeout=timeout)
+    try:
+        cfg = _cara.read_config(cli, cli.env())
+    except _cara.CaraError as exc:
+        raise GateSetupError("config", "%s. cara itself would fall back to an empty config or refuse to start; fix the "
+                             "file (or pass config_path) and re-run the gate." % exc) from exc
+    facts = _cara.gateway_facts(cfg)
+    if {"status", "verify", "verify_auto", "verify_autonomy"} & set(checks) and not os.access(bin_path, os.X_OK):
+        raise GateSetupError("not_installed", "%s is not an executable cara binary, so `cara status` and `cara verify` "
+                             "cannot run. Install a release with carapace.fleet.cara_switch, or set bin_path." % bin_path)
+    secrets = [gateway_token, _cara.gateway_secret(cfg, environ={})]
+    return HealthGate(cli, host=host, port=port or facts["port"], expected_version=expected_version, checks=checks,
+                      timeout=timeout, interval=interval, control_enabled=facts["control_enabled"],
+                      config_path=config_file, verify_skip_reason=verify_skip_reason, secrets=secrets,
+                      verify_outcomes=verify_outcomes, verify_timeout=verify_timeout)

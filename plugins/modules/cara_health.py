@@ -203,13 +203,11 @@ cause:
   type: str
 """
 
-import os
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _layout
+from ansible_collections.carapace.fleet.plugins.module_utils import _layout
 from ansible_collections.carapace.fleet.plugins.module_utils._health import (CHECKS, DEFAULT_OUTCOMES, DEFAULT_VERIFY_TIMEOUT,
-                                                                             OUTCOMES, HealthGate, bounded_runner)
+                                                                             OUTCOMES, GateSetupError, build_gate)
 from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 CHECK_MODE_REASON = ("check mode: `cara verify` is not run, since it leaves traces in the daemon's state (a control task, "
@@ -246,27 +244,14 @@ def main():
         module.fail_json(msg="expected_version is checked by the health and status checks; select one of them",
                          cause="bad_argument")
 
-    config_file = _cara.config_path(p["state_dir"], p["config_path"])
-    extra_env = {"CARAPACE_GATEWAY_TOKEN": p["gateway_token"]} if p["gateway_token"] else {}
-    cli = _cara.CaraCLI(p["bin_path"], p["state_dir"], config=config_file, runner=bounded_runner, extra_env=extra_env,
-                        timeout=p["timeout"])
     try:
-        cfg = _cara.read_config(cli, cli.env())
-    except _cara.CaraError as exc:
-        module.fail_json(msg="%s. cara itself would fall back to an empty config or refuse to start; fix the file "
-                         "(or pass config_path) and re-run the gate." % exc, cause="config")
-    facts = _cara.gateway_facts(cfg)
-    port = p["port"] or facts["port"]
-
-    if {"status", "verify", "verify_auto", "verify_autonomy"} & set(p["checks"]) and not os.access(p["bin_path"], os.X_OK):
-        module.fail_json(msg="%s is not an executable cara binary, so `cara status` and `cara verify` cannot run. Install "
-                         "a release with carapace.fleet.cara_switch, or set bin_path." % p["bin_path"], cause="not_installed")
-
-    secrets = [p["gateway_token"], _cara.gateway_secret(cfg, environ={})]
-    gate = HealthGate(cli, host=p["host"], port=port, expected_version=p["expected_version"], checks=p["checks"],
-                      timeout=p["timeout"], interval=p["interval"], control_enabled=facts["control_enabled"],
-                      config_path=config_file, verify_skip_reason=CHECK_MODE_REASON if module.check_mode else None,
-                      secrets=secrets, verify_outcomes=p["verify_outcomes"], verify_timeout=p["verify_timeout"])
+        gate = build_gate(p["bin_path"], p["state_dir"], p["config_path"], expected_version=p["expected_version"],
+                          checks=p["checks"], timeout=p["timeout"], interval=p["interval"], port=p["port"],
+                          host=p["host"], verify_outcomes=p["verify_outcomes"], verify_timeout=p["verify_timeout"],
+                          gateway_token=p["gateway_token"],
+                          verify_skip_reason=CHECK_MODE_REASON if module.check_mode else None)
+    except GateSetupError as exc:
+        module.fail_json(msg=exc.message, cause=exc.cause)
     result = gate.run()
     msg = result.pop("msg")
     if not result["passed"] and p["fail_on_gate"]:

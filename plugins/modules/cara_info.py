@@ -42,6 +42,14 @@ attributes:
   idempotent:
     support: full
     description: Always C(changed=false).
+options:
+  wait_window:
+    description:
+      - Seconds to wait for a downtime window of M(carapace.fleet.cara_apply) that is still running on the host (a run
+        that lost its controller) before the facts are read. V(0) does not wait.
+      - RV(window) says whether one still runs after that.
+    type: int
+    default: 0
 notes:
   - C(cara --version) is the only command run. Nothing is written.
 seealso:
@@ -270,6 +278,13 @@ backups_error:
   description: Why the backup index could not be read; V(null) otherwise.
   returned: always
   type: str
+window:
+  description:
+    - The downtime window record of M(carapace.fleet.cara_apply) (O(install_root)C(/window.json)) as C(record) (V(null)
+      when none ran), whether a window still runs (C(running)), the seconds waited for it (C(waited_s)), and
+      C(error) when the record could not be read.
+  returned: always
+  type: dict
 platform_asset:
   description: The release asset name for this host's platform (C(cara-<arch>-<os>)), V(null) if cara has none.
   returned: always
@@ -279,14 +294,14 @@ platform_asset:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _hostinfo, _layout
+from ansible_collections.carapace.fleet.plugins.module_utils import _cara, _hostinfo, _layout, _window
 from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 
 def main():
     module = AnsibleModule(
         argument_spec=_layout.host_argument_spec(
-
+            wait_window=dict(type="int", default=0),
         ),
         supports_check_mode=True,
     )
@@ -294,9 +309,15 @@ def main():
     problem = path_problem(p)
     if problem:
         module.fail_json(msg=problem, cause="bad_argument")
+    record = _window.Record(p["install_root"])
+    still, waited = record.wait(p["wait_window"]) if p["wait_window"] > 0 else (record.running(), 0)
+    try:
+        window = {"record": record.read(), "running": still, "waited_s": waited, "error": None}
+    except _window.WindowError as exc:
+        window = {"record": None, "running": still, "waited_s": waited, "error": exc.message}
     facts = _hostinfo.gather(p["bin_path"], p["state_dir"], p["config_path"], p["install_root"], p["backup_dir"],
                              runner=_cara.tolerant_module_runner(module))
-    module.exit_json(changed=False, **facts)
+    module.exit_json(changed=False, window=window, **facts)
 
 
 if __name__ == "__main__":

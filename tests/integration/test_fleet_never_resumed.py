@@ -72,7 +72,7 @@ def test_a_failed_backup_restarts_v080_and_restores_nothing_older(fleet, tmp_pat
     rc, out = fleet.playbook("upgrade", cara_upgrade_version="v0.9.0", cara_upgrade_backup_retention=0)
     assert rc != 0
     row = fleet.report()["hosts"][0]
-    assert row["result"] == "rolled_back" and "Back up" in row["details"]["error"]
+    assert row["result"] == "rolled_back" and "(backup: retention must be at least 1" in row["details"]["error"]
     tx = tx_of(fleet)
     assert tx["state"] == "failed" and tx["retryable"] is False
     assert "did not complete" in tx["lastError"] and "nothing was restored" in tx["lastError"]

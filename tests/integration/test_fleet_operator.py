@@ -96,28 +96,62 @@ def inject(fleet, fault, target, host=HOST):
             return fleet.playbook("upgrade", cara_upgrade_version=target)
         finally:
             os.unlink(blocker)
-    # applying: the backup is indexed, and the `applying` write finds cara's update lock held;
-    # applied: the link points at the new release, and the `applied` write finds the lock held
-    index = os.path.join(hv["cara_backup_dir"], "index.json")
-    before = _file_bytes(index)
-    link = os.readlink(hv["cara_bin_path"])
-
-    def trigger():
-        if fault == "applying":
-            return _file_bytes(index) not in (before, None)
-        return os.readlink(hv["cara_bin_path"]) != link
-    with update_lock_held(fleet, trigger, host) as held:
+    if fault == "start":  # the new release does not start: its start is refused (the guard stands in for a crash)
+        return _with_start_refused(fleet, hv, target)
+    # applying: from the backup on (the window's phase before it), cara's update lock is held, as a concurrent
+    # `cara update` would hold it: the `applying` write fails
+    with update_lock_held(fleet, lambda: (fleet.window(host) or {}).get("phase") == "backup", host) as held:
         rc, out = fleet.playbook("upgrade", cara_upgrade_version=target)
     assert held, "the fault was never injected"
     return rc, out
 
 
-FAULTS = ["backup", "applying", "switch", "applied"]
+FAULT_GUARD = """import os, runpy, sys
+if os.path.realpath(%(bin)r).startswith(%(release)r):
+    sys.stderr.write("test fault: the start of %(target)s is refused\\n")
+    sys.exit(1)
+sys.argv[0] = %(real)r
+runpy.run_path(%(real)r, run_name="__main__")
+"""
+
+
+def _with_start_refused(fleet, hv, target):
+    """The start of `target` fails (its start guard is swapped, once the window has begun, for one that refuses
+    that release and runs the real guard for any other); the previous release starts."""
+    guard = os.path.join(hv["cara_run_dir"], "cara-start-guard.py")
+    real = guard + ".real"
+    release = os.path.join(os.path.realpath(hv["cara_install_root"]), "releases", target) + os.sep
+    done, swapped = threading.Event(), []
+
+    def swap():
+        while not done.is_set():
+            if (fleet.window(HOST) or {}).get("phase") == "backup":
+                os.replace(guard, real)
+                with open(guard, "w", encoding="utf-8") as f:
+                    f.write(FAULT_GUARD % {"bin": hv["cara_bin_path"], "release": release, "target": target, "real": real})
+                swapped.append(True)
+                return
+            time.sleep(0.005)
+    thread = threading.Thread(target=swap)
+    thread.start()
+    try:
+        rc, out = fleet.playbook("upgrade", cara_upgrade_version=target)
+    finally:
+        done.set()
+        thread.join()
+        if swapped:
+            os.replace(real, guard)
+    assert swapped, "the fault was never injected"
+    assert "test fault: the start of %s is refused" % target in out, out[-3000:]
+    return rc, out
+
+
+FAULTS = ["backup", "applying", "switch", "start"]
 
 
 @pytest.mark.parametrize("record", [False, True], ids=["no-switch-record", "switch-record"])
 def test_every_fault_between_stop_and_start_ends_on_the_previous_release(make_fleet, record):
-    """Issue 13 item 2: backup, `applying`, switch, `applied`, each fault-injected; each run fails (rc 2, the report
+    """Issue 13 item 2: backup, `applying`, switch, the start, each fault-injected; each run fails (rc 2, the report
     says so), and the host runs its previous release again, from its own bytes, with no open transaction."""
     fleet = make_fleet()
     previous, target = "v0.8.0", "v0.9.0"
@@ -127,7 +161,7 @@ def test_every_fault_between_stop_and_start_ends_on_the_previous_release(make_fl
         previous, target = "v0.9.0", "v0.9.1"
         assert switch_record(fleet)["active"]["tag"] == "v0.9.0"
     for fault in FAULTS:
-        if not record and fault != "applied":
+        if not record and fault != "start":
             assert switch_record(fleet) is None  # fleetctl installed the host: no switch record until the first switch
         rc, out = inject(fleet, fault, target)
         assert rc == 2, "%s: %s" % (fault, out[-3000:])
@@ -270,8 +304,10 @@ def test_reports_and_exit_codes_agree(make_fleet):
     assert all(h["phase"] == "plan" for h in report["hosts"])
     assert_lock_released(fleet)
 
-    # a run killed after the stop: the report says the host may be down, not just pending
-    assert fleet.kill_run_at("upgrade", "applying", cara_upgrade_version="v0.9.1") == "applying"
+    # a run whose controller is killed after the stop: the report says the host may be down, not just pending (the
+    # window goes on without it, see test_fleet_kill_points)
+    fleet.kill_run("upgrade", HOST, when=lambda: (fleet.window(HOST) or {}).get("phase") == "backup",
+                   cara_upgrade_version="v0.9.1")
     report = fleet.report(kind="upgrade")
     rows = {h["host"]: h for h in report["hosts"]}
     assert rows[HOST]["result"] == "in_progress" and report["summary"]["ok"] is False

@@ -130,20 +130,31 @@ def test_chain_is_planned_and_refused_without_opt_in(make_fleet):
 
 
 def _kill_when(fleet, host, phase, proc_holder, stop):
+    """SIGKILL the run when the host's transaction reaches `phase`, or (`window:<phase>`) when its window does; in
+    the window the host-side process is killed too, as a host crash would: nothing goes on by itself."""
     path = os.path.join(fleet.hostvars()[host]["cara_state_dir"], "updates", "transaction.json")
     while not stop.is_set():
         try:
-            with open(path, encoding="utf-8") as f:
-                if json.load(f).get("phase") == phase and proc_holder:
-                    os.killpg(proc_holder[0].pid, signal.SIGKILL)
-                    return
+            if phase.startswith("window:"):
+                reached = (fleet.window(host) or {}).get("phase") == phase.split(":", 1)[1]
+            else:
+                with open(path, encoding="utf-8") as f:
+                    reached = json.load(f).get("phase") == phase
+            if reached and proc_holder:
+                fleet.kill_window(host)
+                os.killpg(proc_holder[0].pid, signal.SIGKILL)
+                return
         except (OSError, ValueError):
             pass
-        time.sleep(0.02)
+        time.sleep(0.01)
 
 
-@pytest.mark.parametrize("phase", ["verified", "applying"])
-def test_killed_run_resumes(make_fleet, phase):
+# verified: before the window; in the backup (the transaction still says verified, the service is stopped); in the
+# start (applied, the new release coming up).
+# The attempt that ends it: a second one of an in-progress transaction; an applied one is gated, not re-attempted.
+@pytest.mark.parametrize("phase,left_at,attempt", [("verified", "verified", 2), ("window:backup", "verified", 2),
+                                                   ("window:start", "applied", 1)])
+def test_killed_run_resumes(make_fleet, phase, left_at, attempt):
     fleet = make_fleet(hosts=1)
     vars_file = os.path.join(fleet.base, "kill-vars.json")
     with open(vars_file, "w", encoding="utf-8") as f:
@@ -163,10 +174,12 @@ def test_killed_run_resumes(make_fleet, phase):
         watcher.join()
     assert proc.returncode == -signal.SIGKILL, "the run finished before reaching %s" % phase
     tx_path = os.path.join(fleet.hostvars()["cara-01"]["cara_state_dir"], "updates", "transaction.json")
-    assert json.load(open(tx_path, encoding="utf-8"))["phase"] == phase
+    assert json.load(open(tx_path, encoding="utf-8"))["phase"] == left_at
+    assert not fleet.window_running("cara-01")
     rc, out = fleet.playbook("upgrade", cara_upgrade_version="v0.9.0")
     assert rc == 0, out[-4000:]
     assert fleet.active("cara-01") == "v0.9.0"
     assert fleet.health("cara-01")["version"] == "0.9.0"
     assert not os.path.exists(tx_path)
-    assert fleet.report()["hosts"][0]["result"] == "upgraded"
+    row = fleet.report()["hosts"][0]
+    assert row["result"] == "upgraded" and row["details"]["attempt"] == attempt, row

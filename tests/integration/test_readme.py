@@ -58,6 +58,9 @@ def run(fleet, command):
     """One README command in the operator's directory (its inventory, site.yml, release notes; HOME there too, so
     the default lock and release cache are this fleet's)."""
     env = dict(fleet._env(), HOME=fleet.base)  # pylint: disable=protected-access
+    # The window's async job file: with `-b` the status check expands ~ from root's passwd entry (/root), the job
+    # wrapper from HOME; on a real host both are root's home. An absolute async dir keeps this HOME's.
+    env["ANSIBLE_ASYNC_DIR"] = os.path.join(fleet.base, ".ansible_async")
     proc = subprocess.run(["bash", "-c", command], cwd=fleet.base, env=env, capture_output=True, text=True,
                           timeout=900, check=False)
     out = proc.stdout + proc.stderr

@@ -6,6 +6,7 @@
     fleet.stop()
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -119,7 +120,9 @@ class LocalFleet:
 
     def stop(self):
         """Stop everything, then check every start of every path the test took: no daemon ever started on an
-        open transaction, and the roles, not the start guard, made each one terminal."""
+        open transaction, and the roles, not the start guard, made each one terminal. A window a killed run left
+        running on a host ends first (it would start cara again after the stop)."""
+        self.wait_windows()
         self.stop_daemons()
         self.server.stop()
         self.llm.stop()
@@ -187,11 +190,51 @@ class LocalFleet:
         proc.log = log_path
         return proc
 
-    def kill_run(self, playbook, host="cara-01", after_task=None, when=None, timeout=600, **extra):
+    def window(self, name):
+        """The host's window record (install_root/window.json), or None."""
+        try:
+            with open(os.path.join(self.hostvars()[name]["cara_install_root"], "window.json"), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def window_running(self, name):
+        """Whether a window holds the host's window.lock (the flock cara_apply holds for the whole window)."""
+        try:
+            fd = os.open(os.path.join(self.hostvars()[name]["cara_install_root"], "window.lock"), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
+    def wait_windows(self, names=None, timeout=600):
+        """Wait until no window runs on the hosts (a window that lost its controller ends by itself)."""
+        deadline = time.monotonic() + timeout
+        for name in names or self.hostvars():
+            while self.window_running(name):
+                if time.monotonic() > deadline:
+                    raise AssertionError("%s: the window still runs after %s s: %s" % (name, timeout, self.window(name)))
+                time.sleep(0.2)
+
+    def kill_window(self, name):
+        """SIGKILL the host's running window itself (the host-side process dies: OOM, a crash)."""
+        record = self.window(name)
+        if record and record.get("state") == "running" and self.window_running(name):
+            os.kill(int(record["pid"]), signal.SIGKILL)
+
+    def kill_run(self, playbook, host="cara-01", after_task=None, when=None, timeout=600, host_crash=False, poll=0.02,
+                 **extra):
         """Run `ansible-playbook carapace.fleet.<playbook>` on `host` only and SIGKILL the whole run (its process
         group: workers and the modules they run; cara runs in its own session and survives) at one point:
         `after_task` ("<task name>" or "<task name>#<n>", the n-th time it returns ok: the kill_at callback kills
-        from inside), or `when`, a predicate polled by this process (for points inside a task). Returns the log."""
+        from inside), or `when`, a predicate polled by this process (for points inside a task). The window
+        (cara_apply, launched async) is in a session of its own and keeps going, as when the controller dies; with
+        `host_crash` it is killed first, as when the host-side process dies too. Returns the log."""
         self.runs += 1
         vars_file = os.path.join(self.base, "vars-%d.json" % self.runs)
         with open(vars_file, "w", encoding="utf-8") as f:
@@ -211,11 +254,13 @@ class LocalFleet:
             while not done.is_set():
                 try:
                     if when():
+                        if host_crash:
+                            self.kill_window(host)
                         os.killpg(proc.pid, signal.SIGKILL)
                         return
                 except (OSError, ValueError):
                     pass
-                time.sleep(0.02)
+                time.sleep(poll)
         watcher = threading.Thread(target=watch) if when else None
         if watcher:
             watcher.start()
@@ -233,13 +278,14 @@ class LocalFleet:
         return out
 
     def kill_run_at(self, playbook, phase, host="cara-01", timeout=600, **extra):
-        """kill_run when `host`'s transaction reaches `phase`; returns the phase it was left at."""
+        """kill_run when `host`'s transaction reaches `phase`, the window too (a host crash: nothing goes on by
+        itself); returns the phase it was left at."""
         path = os.path.join(self.hostvars()[host]["cara_state_dir"], "updates", "transaction.json")
 
         def reached():
             with open(path, encoding="utf-8") as f:
                 return json.load(f).get("phase") == phase
-        self.kill_run(playbook, host, when=reached, timeout=timeout, **extra)
+        self.kill_run(playbook, host, when=reached, timeout=timeout, host_crash=True, **extra)
         with open(path, encoding="utf-8") as f:
             return json.load(f)["phase"]
 

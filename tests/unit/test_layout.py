@@ -11,7 +11,7 @@ from ansible_collections.carapace.fleet.plugins.module_utils import _layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODULES = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "plugins", "modules")) if name.endswith(".py"))
-HOST_MODULES = ["cara_backup", "cara_health", "cara_info", "cara_restore", "cara_switch", "cara_transaction"]
+HOST_MODULES = ["cara_apply", "cara_backup", "cara_health", "cara_info", "cara_restore", "cara_switch", "cara_transaction"]
 
 
 class _Captured(Exception):
