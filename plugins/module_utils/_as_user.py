@@ -52,6 +52,13 @@ def _encode_error(exc):
     return {"cause": cause, "message": "%s: %s" % (type(exc).__name__, exc), "extra": {"trace": traceback.format_exc()}}
 
 
+def _max_fd():
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (ValueError, OSError):
+        return 1024
+
+
 def call_as(user, func, *args, **kwargs):
     """func(*args, **kwargs), as `user` when that is another user than this process's (root only); raises AsUserError
     with the child's cause and message when it fails. Without a switch it is called here and raises as it does."""
@@ -70,6 +77,10 @@ def call_as(user, func, *args, **kwargs):
         status = 0
         try:
             os.close(read_fd)
+            # Only the result pipe: inherited descriptors (the window's flock above all) must not outlive the
+            # caller in a child it can no longer wait for.
+            os.closerange(3, write_fd)
+            os.closerange(write_fd + 1, _max_fd())
             try:
                 _drop(entry)
                 out = {"value": func(*args, **kwargs)}

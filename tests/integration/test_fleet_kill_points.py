@@ -14,6 +14,7 @@ from fleet import state_files, task_ids
 
 UPGRADE_PHASES = ("stop", "backup", "applying", "switch", "applied", "start", "gate")
 ROLLBACK_PHASES = ("rollback_stop", "rollback_switch", "rollback_restore", "rollback_start")
+ROLLBACK_WINDOW = ("stop", "switch", "restore", "close", "start", "verify")
 ROLLBACK_ORDER = ("rollback_stop", "rollback_switch", "rollback_restore", "rollback_close", "rollback_start",
                   "rollback_verify")
 
@@ -126,3 +127,26 @@ def test_the_controller_killed_in_every_phase_of_the_windows_rollback(make_fleet
     for name in names:
         assert sum(1 for s in fleet.starts(name) if s.get("version") == "0.9.1") == 1, name
     assert out.count("re-run to try it again") >= len(names)
+
+
+def test_the_controller_killed_in_the_rollback_runbooks_window(make_fleet):
+    """The rollback playbook's window (v0.9.0 back to v0.8.0) loses its controller in its restore: it ends by itself,
+    and the next rollback run reports it instead of rolling back one release more."""
+    fleet = make_fleet(1)
+    rc, out = fleet.playbook("upgrade", cara_upgrade_version="v0.9.0")
+    assert rc == 0, out[-3000:]
+    landed = {}
+    fleet.kill_run("rollback", "cara-01", when=at_phase(fleet, "cara-01", "restore", ROLLBACK_WINDOW, landed),
+                   poll=0.002)
+    fleet.wait_windows()
+    record = fleet.window("cara-01")
+    assert (record["action"], record["state"], record["outcome"]) == ("rollback", "done", "rolled_back"), record
+    assert fleet.health("cara-01")["version"] == "0.8.0"
+    starts = len(fleet.starts("cara-01"))
+    rc, out = fleet.playbook("rollback")
+    assert rc == 0, out[-3000:]
+    assert "ended on the host after its controller was lost: rolled_back" in out
+    row = fleet.report(kind="rollback")["hosts"][0]
+    assert (row["result"], row["to"]) == ("rolled_back", "v0.8.0") and row["rto_s"] is not None, row
+    assert len(fleet.starts("cara-01")) == starts and fleet.active("cara-01") == "v0.8.0"  # not run again
+    assert fleet.window("cara-01")["acknowledged_by"]

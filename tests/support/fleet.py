@@ -123,6 +123,7 @@ class LocalFleet:
         open transaction, and the roles, not the start guard, made each one terminal. A window a killed run left
         running on a host ends first (it would start cara again after the stop)."""
         self.wait_windows()
+        self.kill_orphans()
         self.stop_daemons()
         self.server.stop()
         self.llm.stop()
@@ -220,6 +221,23 @@ class LocalFleet:
                 if time.monotonic() > deadline:
                     raise AssertionError("%s: the window still runs after %s s: %s" % (name, timeout, self.window(name)))
                 time.sleep(0.2)
+
+    def kill_orphans(self):
+        """SIGKILL what is left of this fleet's killed runs: ansible's workers detach into sessions of their own, so
+        a run killed with its process group leaves its workers behind, blocked on the dead run's result pipe."""
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"ansible-playbook") for a in argv) and self.inventory.encode() in argv:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
 
     def kill_window(self, name):
         """SIGKILL the host's running window itself (the host-side process dies: OOM, a crash)."""
