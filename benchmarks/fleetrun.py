@@ -249,8 +249,12 @@ class BenchFleet:
     def check_daemons(self):
         """Every host's own daemon runs (a port another process holds would pass fleetctl's connect check)."""
         for name, hv in self.hostvars().items():
+            # fleetctl records the daemon it started in <run dir>/cara.pid: v0.8.0 writes no daemon.pid
+            pid_file = os.path.join(hv["cara_run_dir"], "cara.pid")
+            if not os.path.exists(pid_file):
+                pid_file = os.path.join(hv["cara_state_dir"], "daemon.pid")
             try:
-                with open(os.path.join(hv["cara_state_dir"], "daemon.pid"), encoding="utf-8") as f:
+                with open(pid_file, encoding="utf-8") as f:
                     os.kill(int(f.read().strip()), 0)
             except (OSError, ValueError) as exc:
                 raise SystemExit("%s: the daemon of %s is not running (%s); see %s/cara.log"
