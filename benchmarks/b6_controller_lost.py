@@ -1,8 +1,9 @@
 """B6 controller lost inside the downtime window: the host ends healthy without it, and the next run says so.
 
 For every phase of the window (carapace.fleet.cara_apply, launched async: stop, backup, applying, switch, applied,
-start, gate) an upgrade run to v0.9.0 loses its controller the moment the host's window record enters that phase,
-in two ways:
+start, gate) an upgrade run to v0.9.0 loses its controller the moment the host's window record shows that phase
+(polled every millisecond; a loss that lands a phase later, in the phases that last milliseconds, is tried again, up
+to 3 times), in two ways:
   - kill: `kill -9` of the ansible-playbook process (its workers are orphaned and die on their own);
   - cut:  `kill -9` of the worker process that runs the window task (the controller lives, its connection to the
           host is gone).
@@ -28,6 +29,7 @@ HOST = "cara-01"
 UPGRADE = ("stop", "backup", "applying", "switch", "applied", "start", "gate")
 ROLLBACK = ("rollback_stop", "rollback_switch", "rollback_restore", "rollback_close", "rollback_start",
             "rollback_verify")
+ROLLBACK_ORDER = ROLLBACK
 HEALTH_TIMEOUT = 60  # the gate's deadline of the runs to v0.9.0 (LocalFleet's)
 ROLLBACK_TIMEOUT = 120  # cara_upgrade_rollback_timeout's default
 MARGIN = 30
@@ -49,56 +51,69 @@ def health_version(hv):
         return None
 
 
-def lose_controller(fleet, mode, phase, extra):
-    """Run the upgrade, lose the controller when the window enters `phase`; returns seconds from the loss to the
-    host's window ended, or None when the run ended before the phase was seen."""
+def lose_controller(fleet, mode, phase, order, extra):
+    """Run the upgrade, lose the controller as soon as the window is in `phase` or past it (the transaction writes
+    and the switch last milliseconds); returns (seconds from the loss to the window ended, the phase it landed in),
+    or (None, None) when the run ended first."""
     config = fleet.settings.write_config(os.path.join(fleet.dir, "ansible.cfg"))
     with timing_env(os.path.join(fleet.dir, "timings-lost.jsonl"), config):  # the settings' ansible.cfg
         proc = fleet.fleet.spawn_playbook("upgrade", **extra)
-    killed_at = None
+    killed_at = landed = None
+    path = os.path.join(fleet.hostvars()[HOST]["cara_install_root"], "window.json")
     while proc.poll() is None:
-        record = fleet.window_record(HOST) or {}
-        if record.get("state") == "running" and record.get("phase") == phase:
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            record = {}
+        if record.get("state") == "running" and record.get("phase") in order and \
+                order.index(record["phase"]) >= order.index(phase):
             if mode == "kill":
                 os.kill(proc.pid, signal.SIGKILL)
             else:  # the worker running the window task: a child of ansible-playbook that is ansible-playbook too
                 for child in children(proc.pid):
                     os.kill(child, signal.SIGKILL)
-            killed_at = time.monotonic()
+            killed_at, landed = time.monotonic(), record["phase"]
             break
-        time.sleep(0.005)
+        time.sleep(0.001)
     if killed_at is None:
         proc.wait()
-        return None
+        return None, None
     while fleet.fleet.window_running(HOST):
         time.sleep(0.05)
     ended = time.monotonic() - killed_at
     proc.wait(timeout=600)  # a cut run goes on without the host, and ends
-    return round(ended, 2)
+    return round(ended, 2), landed
 
 
-def case(fleet, mode, phase, target, settings, extra):
-    """One row: (met, detail)."""
+def case(fleet, mode, phase, target, settings, extra, tries=3):
+    """One target phase: up to `tries` losses until one lands in that phase exactly. Returns (met, detail)."""
+    order = UPGRADE if phase in UPGRADE else ROLLBACK_ORDER
+    want, version, budget = (("upgraded", "0.9.0", HEALTH_TIMEOUT + MARGIN) if phase in UPGRADE
+                             else ("rolled_back", "0.8.0", ROLLBACK_TIMEOUT + MARGIN))
     hv = fleet.hostvars()[HOST]
-    ended = lose_controller(fleet, mode, phase, dict(settings.extra_vars(), cara_upgrade_version=target, **extra))
-    if ended is None:
-        return False, "the window never entered %s" % phase
-    record = fleet.window_record(HOST)
-    want, budget = (("upgraded", "0.9.0", HEALTH_TIMEOUT + MARGIN) if phase in UPGRADE
-                    else ("rolled_back", "0.8.0", ROLLBACK_TIMEOUT + MARGIN))
-    seen = health_version(hv)
-    ok = record["outcome"] == want and seen == want_version(want) and ended <= budget
-    run = fleet.playbook("upgrade", cara_upgrade_version=target, **extra)
-    row = next(r for r in run.report()["hosts"] if r["host"] == HOST)
-    reported = row["result"] == want and "controller was lost: %s" % want in (row["details"].get("error") or "")
-    if want == "upgraded":
-        fleet.playbook("rollback").check("B6 rollback to v0.8.0")
-    return ok and reported, "%s %s: ended %s s after the loss (budget %s s), %s, /health %s, next run %s (rc %s)" % (
-        mode, phase, ended, budget, record["outcome"], seen, row["result"], run.rc)
-
-
-def want_version(outcome):
-    return "0.9.0" if outcome == "upgraded" else "0.8.0"
+    notes = []
+    for attempt in range(1, tries + 1):
+        ended, landed = lose_controller(fleet, mode, phase, order,
+                                        dict(settings.extra_vars(), cara_upgrade_version=target, **extra))
+        record = fleet.window_record(HOST) or {}
+        seen = health_version(hv)
+        ok = ended is not None and record.get("outcome") == want and seen == version and ended <= budget
+        run = fleet.playbook("upgrade", cara_upgrade_version=target, **extra)
+        row = next(r for r in run.report()["hosts"] if r["host"] == HOST)
+        reported = ended is None or (
+            row["result"] == want and "controller was lost: %s" % want in (row["details"].get("error") or ""))
+        if seen == "0.9.0" or health_version(hv) == "0.9.0":  # back to v0.8.0 for the next case
+            fleet.playbook("rollback").check("B6 rollback to v0.8.0")
+        notes.append("try %d: %s" % (attempt, "the run ended before the window reached %s" % phase if ended is None
+                                     else "landed in %s, ended %s s after the loss (budget %s s), %s, /health %s, "
+                                          "next run %s (rc %s)" % (landed, ended, budget, record.get("outcome"), seen,
+                                                                   row["result"], run.rc)))
+        if ended is not None and landed == phase:
+            return ok and reported, "%s %s: %s" % (mode, phase, "; ".join(notes))
+        if ended is not None and not (ok and reported):
+            break
+    return False, "%s %s: %s" % (mode, phase, "; ".join(notes))
 
 
 def main():
