@@ -4,7 +4,7 @@
 #   make docs                                         the HTML docs site, offline, in build/docs/build/html
 #   make refresh-trust-root                           re-pin Sigstore's production trusted_root.json
 #   make demo                                         the main job on an embedded local fleet
-#   make bench [BENCH_RECORD=1]                       benchmarks B1-B5 as ratios (benchmarks/RESULTS.md)
+#   make bench [BENCH_RECORD=1]                       benchmarks B1-B6 as ratios (benchmarks/RESULTS.md)
 #   make molecule [S=upgrade]                         Molecule drills on podman container hosts (molecule/README.md)
 
 SHELL := /bin/bash

@@ -289,7 +289,7 @@ class BenchFleet:
         timings = read_timings(timing_file)
         return PlaybookRun(rc, round(wall, 2), output, timings, report_dir, sampler)
 
-    def upgrade(self, version="v0.9.0", **extra):
+    def upgrade(self, version="v0.9.0", timeout=3600, **extra):
         notes = "%s/puremachinery/carapace/docs/releases/%s.md" % (self.server.url, version)
-        return self.playbook("upgrade", cara_upgrade_version=version, cara_upgrade_release_notes=notes,
-                             cara_upgrade_ack_breaking=version, **extra)
+        return self.playbook("upgrade", timeout=timeout, cara_upgrade_version=version,
+                             cara_upgrade_release_notes=notes, cara_upgrade_ack_breaking=version, **extra)

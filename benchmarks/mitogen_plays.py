@@ -17,6 +17,7 @@ import benchlib
 from fleetrun import BenchFleet, Settings, timing_env
 
 HOST = "cara-01"
+PLAY_TIMEOUT = 300
 
 
 def outcome(run, want_rc=0, want=None):
@@ -35,7 +36,7 @@ def killed_window(fleet):
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.005)
-    proc.wait(timeout=600)
+    proc.wait(timeout=PLAY_TIMEOUT)
     deadline = time.monotonic() + 180
     while fleet.fleet.window_running(HOST) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -51,11 +52,13 @@ def main():
     results = benchlib.Results("M1", "mitogen_linear with every play of the collection")
     with BenchFleet("mitogen", 1, settings=settings) as fleet:
         checks = [
-            ("upgrade v0.8.0 -> v0.9.0", lambda: outcome(fleet.upgrade())),
-            ("rollback playbook", lambda: outcome(fleet.playbook("rollback"))),
+            # each play bounded (PLAY_TIMEOUT): a hang is a failure, not a stuck benchmark
+            ("upgrade v0.8.0 -> v0.9.0", lambda: outcome(fleet.upgrade(timeout=PLAY_TIMEOUT))),
+            ("rollback playbook", lambda: outcome(fleet.playbook("rollback", timeout=PLAY_TIMEOUT))),
             ("rollback drill, faulty v0.9.1", lambda: outcome(fleet.playbook(
-                "rollback_drill", cara_drill_version="v0.9.1", cara_upgrade_health_timeout=10))),
-            ("verify_release v0.9.0", lambda: outcome(fleet.playbook("verify_release", cara_verify_tag="v0.9.0"))),
+                "rollback_drill", timeout=PLAY_TIMEOUT, cara_drill_version="v0.9.1", cara_upgrade_health_timeout=10))),
+            ("verify_release v0.9.0", lambda: outcome(fleet.playbook("verify_release", timeout=PLAY_TIMEOUT,
+                                                                     cara_verify_tag="v0.9.0"))),
             ("controller killed inside the window", lambda: killed_window(fleet)),
         ]
         for name, check in checks:
