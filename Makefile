@@ -82,7 +82,7 @@ sanity: build
 
 doc: setup
 	for m in plugins/modules/*.py; do n=$$(basename $$m .py); $(BIN)/ansible-doc carapace.fleet.$$n >/dev/null || exit 1; done
-	$(BIN)/ansible-doc -t filter carapace.fleet.cara_upgrade_path >/dev/null
+	for f in plugins/filter/*.yml; do $(BIN)/ansible-doc -t filter carapace.fleet.$$(basename $$f .yml) >/dev/null || exit 1; done
 	for r in roles/*/; do $(BIN)/ansible-doc -t role carapace.fleet.$$(basename $$r) >/dev/null || exit 1; done
 	@echo "ansible-doc: every module, filter and role renders"
 	$(BIN)/antsibull-docs lint-collection-docs --plugin-docs .

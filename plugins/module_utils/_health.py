@@ -485,3 +485,21 @@ def build_gate(bin_path, state_dir, config_path=None, expected_version=None, che
                       timeout=timeout, interval=interval, control_enabled=facts["control_enabled"],
                       config_path=config_file, verify_skip_reason=verify_skip_reason, secrets=secrets,
                       verify_outcomes=verify_outcomes, verify_timeout=verify_timeout)
+
+
+def soak(make_gate, hold, interval, clock=time.monotonic, sleep=time.sleep):
+    """Keep re-checking a host that passed its gate for `hold` seconds (a canary's soak): `make_gate()` builds a fresh
+    HealthGate (health and ready, a short deadline each) per round. Stops at the first round that fails: the host
+    degraded. Returns {passed, rounds, held_s, failed_after_s, last}; `last` is the last round's gate result."""
+    started = clock()
+    rounds, last = 0, None
+    while True:
+        last = make_gate().run()
+        rounds += 1
+        held = clock() - started
+        if not last["passed"]:
+            return {"passed": False, "rounds": rounds, "held_s": round(held, 3), "failed_after_s": round(held, 3),
+                    "last": last}
+        if held >= hold:
+            return {"passed": True, "rounds": rounds, "held_s": round(held, 3), "failed_after_s": None, "last": last}
+        sleep(max(0.0, min(interval, hold - held)))

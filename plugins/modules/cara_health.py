@@ -99,6 +99,21 @@ options:
         on the command line. Never logged or returned.
       - When unset, C(cara) uses its usual sources (environment, C(gateway.auth.token) or C(gateway.auth.password)).
     type: str
+  soak:
+    description:
+      - Seconds to keep watching a host that passed the checks (a canary's soak). Every O(soak_interval) seconds the
+        V(health) and V(ready) checks of O(checks) run again, each round under a deadline of O(soak_interval) (at
+        least 5 s): a host that stops answering, reports another version or is not ready for that long has degraded,
+        and the task fails with that round's check (cause as the check's, RV(soak) says when).
+      - V(0) (the default) checks once. The C(cara verify) checks are not repeated (each costs a model call).
+    type: int
+    default: 0
+    version_added: 0.3.0
+  soak_interval:
+    description: Seconds between two rounds of the soak.
+    type: float
+    default: 5.0
+    version_added: 0.3.0
   fail_on_gate:
     description:
       - Fail the task when the gate does not pass (the default). V(false) returns the verdict instead (RV(passed)
@@ -195,6 +210,11 @@ next_step:
   description: On failure, what the operator should do next.
   returned: failure
   type: str
+soak:
+  description: The soak (O(soak) > 0 and the checks passed first) - whether the host held, for how long, in how many rounds.
+  returned: when soak > 0 and the first checks passed
+  type: dict
+  sample: {passed: true, rounds: 7, held_s: 30.1, failed_after_s: null}
 cause:
   description:
     - On failure, a machine-readable cause, one of C(health_unreachable), C(version_mismatch), C(not_ready),
@@ -207,7 +227,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _layout
 from ansible_collections.carapace.fleet.plugins.module_utils._health import (CHECKS, DEFAULT_OUTCOMES, DEFAULT_VERIFY_TIMEOUT,
-                                                                             OUTCOMES, GateSetupError, build_gate)
+                                                                             OUTCOMES, GateSetupError, build_gate, soak)
 from ansible_collections.carapace.fleet.plugins.module_utils._paths import path_problem
 
 CHECK_MODE_REASON = ("check mode: `cara verify` is not run, since it leaves traces in the daemon's state (a control task, "
@@ -226,6 +246,8 @@ def main():
             timeout=dict(type="int", default=120),
             interval=dict(type="float", default=1.0),
             gateway_token=dict(type="str", no_log=True),
+            soak=dict(type="int", default=0),
+            soak_interval=dict(type="float", default=5.0),
             fail_on_gate=dict(type="bool", default=True),
         ),
         supports_check_mode=True,
@@ -234,8 +256,9 @@ def main():
     problem = path_problem(p)
     if problem:
         module.fail_json(msg=problem, cause="bad_argument")
-    if p["timeout"] <= 0 or p["interval"] <= 0 or p["verify_timeout"] <= 0:
-        module.fail_json(msg="timeout, interval and verify_timeout must be positive", cause="bad_argument")
+    if p["timeout"] <= 0 or p["interval"] <= 0 or p["verify_timeout"] <= 0 or p["soak"] < 0 or p["soak_interval"] <= 0:
+        module.fail_json(msg="timeout, interval, verify_timeout and soak_interval must be positive, soak not negative",
+                         cause="bad_argument")
     if p["port"] is not None and not 1 <= p["port"] <= 65535:
         module.fail_json(msg="port %s is not a TCP port (1-65535)" % p["port"], cause="bad_argument")
     if not p["checks"]:
@@ -253,10 +276,38 @@ def main():
     except GateSetupError as exc:
         module.fail_json(msg=exc.message, cause=exc.cause)
     result = gate.run()
+    if result["passed"] and p["soak"] > 0:
+        result = _soak(module, p, result)
     msg = result.pop("msg")
     if not result["passed"] and p["fail_on_gate"]:
         module.fail_json(msg=msg, changed=False, **result)
     module.exit_json(msg=msg, changed=False, **result)
+
+
+def _soak(module, p, first):
+    """Re-run the HTTP checks for p["soak"] seconds; the first round that fails is the result (the host degraded)."""
+    checks = [c for c in ("health", "ready") if c in p["checks"]]
+    if not checks:
+        module.fail_json(msg="soak re-checks health and ready: select at least one of them in checks", cause="bad_argument")
+    round_timeout = max(5, int(p["soak_interval"]))
+
+    def make_gate():
+        return build_gate(p["bin_path"], p["state_dir"], p["config_path"], expected_version=p["expected_version"],
+                          checks=checks, timeout=round_timeout, interval=p["interval"], port=p["port"], host=p["host"])
+
+    try:
+        held = soak(make_gate, p["soak"], p["soak_interval"])
+    except GateSetupError as exc:
+        module.fail_json(msg=exc.message, cause=exc.cause)
+    last = held.pop("last")
+    if held["passed"]:
+        first["soak"] = held
+        first["msg"] = "%s; held for %.0fs (%d rounds of %s)" % (first["msg"], held["held_s"], held["rounds"],
+                                                                  ", ".join(checks))
+        return first
+    last["soak"] = held
+    last["msg"] = "degraded during the soak, %.0fs after the checks passed: %s" % (held["failed_after_s"], last["msg"])
+    return last
 
 
 if __name__ == "__main__":
