@@ -17,17 +17,33 @@ per file name (any tag) or per full URL path, and can be changed while the serve
 
 Every request is recorded in `server.requests` (path, status; 0 for a reset) so tests can count downloads
 (`downloads(name)`) and attempts (`attempts(name)`).
+
+It also lists the releases, built from the tag directories present (a tag directory counts when it holds a file):
+- `/repos/<owner>/<repo>/releases`: the stand-in for GitHub's REST API ("list releases"), a JSON list of objects with
+  tag_name, name, draft and prerelease (true for a tag with a pre-release part), newest first. It honours `per_page`
+  (default 30, at most `server.api_page_max`, 100 as on GitHub) and `page` (from 1), and links the next page in a
+  `Link: <...>; rel="next"` header as GitHub does. Tests point cara_release_tags' api_url at `server.url`.
+  `server.drafts` is a set of tags listed as drafts (whether or not their directory exists).
+- `<...>/releases/download/releases.json` (any `<dir>/releases.json` that is not a file on disk): the mirror layout of
+  cara_release_tags, the same objects for the tag directories of `<dir>`, in one list. A real file is served as it is.
+Faults apply to these paths as to any other, by full path or by last segment:
+
+    server.faults["releases"] = {"status": 500}                  # the API listing
+    server.faults["releases.json"] = {"status": 500}             # every mirror index
 """
 
 import http.server
+import json
 import os
 import re
 import socket
 import struct
 import threading
 import time
+from urllib.parse import parse_qs, urlencode
 
 _TAG_RE = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
+_ANY_TAG_RE = re.compile(r"^v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z][0-9A-Za-z.-]*)?$")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -45,8 +61,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, head):
         owner = self.server.owner
-        path = self.path.split("?", 1)[0]
+        path, _sep, query = self.path.partition("?")
         file_path = owner.resolve(path)
+        listed = owner.listing(path, query) if file_path is None or not os.path.isfile(file_path) else None
         fault = owner.take_fault(path)
         if fault.get("reset"):
             owner.record(path, 0)
@@ -58,7 +75,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if "delay" in fault:
             time.sleep(fault["delay"])
         status = fault.get("status")
-        if status is None and (file_path is None or not os.path.isfile(file_path)):
+        if status is None and listed is None and (file_path is None or not os.path.isfile(file_path)):
             status = 404
         if status is not None:
             owner.record(path, status)
@@ -70,8 +87,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if not head:
                 self.wfile.write(body)
             return
-        with open(file_path, "rb") as f:
-            data = f.read()
+        extra_headers = {}
+        if listed is not None:
+            data, extra_headers = listed
+        else:
+            with open(file_path, "rb") as f:
+                data = f.read()
         if fault.get("tamper") and data:
             mid = len(data) // 2
             data = data[:mid] + bytes([data[mid] ^ 0x01]) + data[mid + 1:]
@@ -79,8 +100,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             data += b"\0" * fault["pad"]
         owner.record(path, 200)
         self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Type", "application/json" if listed is not None else "application/octet-stream")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in extra_headers.items():
+            self.send_header(name, value)
         if "truncate" in fault:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -106,6 +129,8 @@ class ReleaseServer:
     def __init__(self, root, port=0, host="127.0.0.1"):
         self.root = os.path.abspath(root)
         self.faults = {}
+        self.drafts = set()
+        self.api_page_max = 100
         self.requests = []
         self._lock = threading.Lock()
         self._httpd = http.server.ThreadingHTTPServer((host, port), _Handler)
@@ -196,3 +221,56 @@ class ReleaseServer:
         if not tags:
             return None
         return max(tags, key=lambda t: tuple(int(x) for x in _TAG_RE.match(t).groups()))
+
+    def release_tags(self, directory):
+        """The tags of the tag directories in `directory` that hold at least one file, newest first."""
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return []
+        tags = []
+        for name in names:
+            sub = os.path.join(directory, name)
+            if _ANY_TAG_RE.match(name) and os.path.isdir(sub) and any(e.is_file() for e in os.scandir(sub)):
+                tags.append(name)
+        return sorted(tags, key=_semver_key, reverse=True)
+
+    def _release_objects(self, tags):
+        return [{"tag_name": t, "name": t, "draft": t in self.drafts, "prerelease": "-" in t} for t in tags]
+
+    def listing(self, path, query):
+        """(JSON body, extra headers) for the API's release list or a mirror's releases.json, else None."""
+        parts = [p for p in path.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            return None
+        if len(parts) == 4 and parts[0] == "repos" and parts[3] == "releases":
+            directory = os.path.join(self.root, parts[1], parts[2], "releases", "download")
+            tags = sorted(set(self.release_tags(directory)) | set(self.drafts), key=_semver_key, reverse=True)
+            params = parse_qs(query)
+            try:
+                per_page = max(1, min(int(params.get("per_page", ["30"])[0]), self.api_page_max))
+                page = max(1, int(params.get("page", ["1"])[0]))
+            except ValueError:
+                return None
+            chunk = tags[(page - 1) * per_page:page * per_page]
+            headers = {}
+            if page * per_page < len(tags):
+                headers["Link"] = '<%s%s?%s>; rel="next"' % (self.url, path, urlencode({"per_page": per_page,
+                                                                                        "page": page + 1}))
+            return json.dumps(self._release_objects(chunk)).encode(), headers
+        if parts and parts[-1] == "releases.json":
+            directory = os.path.join(self.root, *parts[:-1])
+            if not os.path.isdir(directory):
+                return None
+            return json.dumps(self._release_objects(self.release_tags(directory))).encode(), {}
+        return None
+
+
+def _semver_key(tag):
+    match = _ANY_TAG_RE.match(tag)
+    if not match:
+        return ((), ())
+    pre = match.group(4)
+    pre_key = (1,) if not pre else (0,) + tuple((0, int(p), "") if p.isdigit() else (1, 0, p)
+                                                for p in re.findall(r"[0-9]+|[^0-9]+", pre[1:]))
+    return (tuple(int(x) for x in match.groups()[:3]), pre_key)
