@@ -14,8 +14,8 @@ description:
   - Each run reports into its own directory, C(<dir>/<kind>/<id>/) (C(kind) and C(id) from O(run)), with one row per host
     under C(rows/), and C(report.json), C(report.md) and C(report.html) regenerated from all rows, under a lock and
     atomically, so the report is complete for every host a run reached even when the run stops half way.
-  - C(report.html) is the run as a picture, a self-contained page (no scripts, nothing loaded from elsewhere): a
-    timeline with one row per host, grouped by batch (C(batch) of a row), and one bar per phase of the host's window
+  - C(report.html) is the run as a picture, a self-contained page (no scripts, nothing loaded from elsewhere) with a
+    timeline of one row per host, grouped by batch (C(batch) of a row), and one bar per phase of the host's window
     (C(phases) of a row, as M(carapace.fleet.cara_apply) records them) coloured by its outcome.
   - After each write of a real run, C(<dir>/<kind>/latest) points at it, and C(<dir>/report.json), C(<dir>/report.md),
     C(<dir>/report.html) and C(<dir>/latest) point at the newest run of any kind. An upgrade, a rollback and a drill never replace each
@@ -95,7 +95,7 @@ report:
       description:
         - Counts per result, hosts, max downtime and RTO, C(dry_run), and C(ok) (no failed, refused, in progress
           or rolled back host, and no pending host but in a dry run).
-        - C(incomplete) is true when the only hosts in the way of C(ok) are pending ones (not reached, untouched: the
+        - C(incomplete) is true when the only hosts in the way of C(ok) are pending ones (not reached, untouched; the
           next run continues), and C(outcome) says it in one word, V(dry_run), V(ok), V(incomplete) or
           V(needs_attention).
       type: dict
