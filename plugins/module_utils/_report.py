@@ -26,7 +26,6 @@ import unicodedata
 from ansible_collections.carapace.fleet.plugins.module_utils import _atomic, _safejson
 from ansible_collections.carapace.fleet.plugins.module_utils._report_html import RUN_EXTRAS, render_html
 
-OUTCOMES = ("dry_run", "ok", "incomplete", "needs_attention")
 RESULTS = ("upgraded", "unchanged", "rolled_back", "failed", "refused", "in_progress", "pending")
 ROW_KEYS = ("host", "from", "to", "result", "phase", "downtime_s", "rto_s", "sha256", "log_index", "backup")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")

@@ -75,7 +75,8 @@ def phases_of(row):
 
 
 def _number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # An epoch time a clock can name (0 .. the year 5138): a garbled one is skipped, never a failed report.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e11
 
 
 def groups(hosts):
@@ -106,7 +107,7 @@ def _span(hosts):
 
 
 def _ticks(t0, t1):
-    step = next((s for s in _STEPS if (t1 - t0) / s <= 6), _STEPS[-1])
+    step = next((s for s in _STEPS if (t1 - t0) / s <= 6), None) or math.ceil((t1 - t0) / 6 / 86400) * 86400
     first = math.ceil(t0 / step) * step
     count = int((t1 - first) / step + 1e-9) + 1
     return [first + i * step for i in range(max(count, 0))], step < 1
