@@ -1,6 +1,7 @@
 # carapace.fleet: everything a fresh machine (Python 3.11, apt, pip) needs is installed from here.
 #   make test      set up, then lint, sanity, every pytest suite and the Molecule drills (CI runs this through .ci/run)
 #   make unit | integration | lint | sanity | doc      one part
+#   make browser                                      Chromium from apt (integration renders report.html in it)
 #   make docs                                         the HTML docs site, offline, in build/docs/build/html
 #   make refresh-trust-root                           re-pin Sigstore's production trusted_root.json
 #   make demo                                         the main job on an embedded local fleet
@@ -31,7 +32,7 @@ include molecule/molecule.mk
 # Benchmarks (make bench, not part of make test); see benchmarks/README.md.
 include benchmarks/bench.mk
 
-.PHONY: test demo setup venv collection lint sanity unit integration doc docs build refresh-trust-root clean
+.PHONY: test demo setup venv collection lint sanity unit integration browser doc docs build refresh-trust-root clean
 
 test: setup lint sanity doc docs unit integration molecule
 	@echo "make test: all suites passed"
@@ -103,8 +104,16 @@ unit: setup
 
 # Runbook tests mostly wait on real processes: three pytest-xdist workers keep 2 cores busy (TEST_JOBS=0: serial).
 TEST_JOBS ?= 3
-integration: setup
+integration: setup browser
 	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal tests/integration
+
+# tests/integration/test_report_html.py renders report.html in a real browser: Debian's Chromium, headless.
+browser:
+	@command -v chromium >/dev/null || { \
+		[ "$$(id -u)" = 0 ] || { echo "make browser: installing chromium needs root (apt-get)" >&2; exit 1; }; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+		command -v chromium >/dev/null; }
 
 refresh-trust-root: setup
 	$(BIN)/python scripts/refresh_trust_root.py

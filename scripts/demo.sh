@@ -8,7 +8,8 @@
 #   5. ansible-playbook carapace.fleet.rollback_drill with the faulty v0.9.1 on one host: its gate fails, it is
 #      rolled back to v0.9.0 with its state restored, and the drill proves it
 #   6. ansible-playbook carapace.fleet.rollback on another host: back to v0.8.0 with its pre-upgrade backup
-# Reports stay in build/demo/upgrade/ and build/demo/drill/. Every process started here is stopped on exit.
+# Reports stay in build/demo/upgrade/, build/demo/drill/ and build/demo/rollback/ (report.html: the run as a picture).
+# Every process started here is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -73,6 +74,8 @@ ansible-playbook "${common[@]}" carapace.fleet.upgrade \
     -e "cara_upgrade_release_notes=http://127.0.0.1:$port/puremachinery/carapace/docs/releases/v0.9.0.md" \
     -e cara_upgrade_ack_breaking=v0.9.0 \
     -e "cara_report_dir=$PWD/$DEMO/upgrade"
+# link_latest puts the newest run's report.html at the top of the report dir
+echo "The run as a picture: file://$PWD/$DEMO/upgrade/report.html"
 
 step "Rollback drill: the faulty v0.9.1 on one host"
 ansible-playbook "${common[@]}" carapace.fleet.rollback_drill \

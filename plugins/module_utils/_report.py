@@ -1,15 +1,17 @@
 # -*- coding: utf-8 -*-
 # Copyright: carapace.fleet maintainers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The fleet report: one row per host, written as each host finishes, summarised as report.json and report.md.
+"""The fleet report: one row per host, written as each host finishes, summarised as report.json, report.md and
+report.html (the run as a picture: a timeline of every host's phases, by batch; see _report_html).
 
 Layout under the report directory (cara_report_dir): <kind>/<run id>/ per run (kind: upgrade, rollback, drill),
-<kind>/latest -> the newest real run of that kind, and report.json, report.md -> the newest real run of any kind.
+<kind>/latest -> the newest real run of that kind, and report.json, report.md, report.html -> the newest real run of
+any kind.
 A dry run (check mode) is written to its own <kind>/<run id>/, marked dry_run, and moves no link.
 
 Domain logic only (no Ansible imports). Rows are kept as rows/<host>.json so that a run that stops half way
-(max_fail_percentage, a killed controller) still leaves a report of every host it reached; report.json and
-report.md are regenerated from the rows after every write, under a lock, atomically.
+(max_fail_percentage, a killed controller) still leaves a report of every host it reached; report.json, report.md
+and report.html are regenerated from the rows after every write, under a lock, atomically.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 import unicodedata
 
 from ansible_collections.carapace.fleet.plugins.module_utils import _atomic, _safejson
+from ansible_collections.carapace.fleet.plugins.module_utils._report_html import RUN_EXTRAS, render_html
 
 RESULTS = ("upgraded", "unchanged", "rolled_back", "failed", "refused", "in_progress", "pending")
 ROW_KEYS = ("host", "from", "to", "result", "phase", "downtime_s", "rto_s", "sha256", "log_index", "backup")
@@ -70,7 +73,7 @@ def md_text(value):
 
 
 class Report:
-    """A report directory: rows/<host>.json + report.json + report.md."""
+    """A report directory: rows/<host>.json + report.json + report.md + report.html."""
 
     def __init__(self, directory):
         self.dir = directory
@@ -94,6 +97,7 @@ class Report:
             report = self.build(run)
             _atomic_write(os.path.join(self.dir, "report.json"), json.dumps(report, indent=2, sort_keys=True) + "\n")
             _atomic_write(os.path.join(self.dir, "report.md"), render_markdown(report))
+            _atomic_write(os.path.join(self.dir, "report.html"), render_html(report, _outcome(report["summary"])))
         return report, changed
 
     def _reset_if_new_run(self, run):
@@ -127,8 +131,13 @@ class Report:
         # In a dry run nothing happened: `pending` is what would be done, not a host left behind.
         ok = (counts["failed"] == 0 and counts["refused"] == 0 and counts["in_progress"] == 0
               and (dry_run or counts["pending"] == 0) and (expected_rollback or counts["rolled_back"] == 0))
+        # Only hosts not reached yet (a stopped line, a closed window): nothing to repair, the next run continues.
+        incomplete = (not dry_run and counts["pending"] > 0 and counts["failed"] == 0 and counts["refused"] == 0
+                      and counts["in_progress"] == 0 and (expected_rollback or counts["rolled_back"] == 0))
+        outcome = "dry_run" if dry_run else "ok" if ok else "incomplete" if incomplete else "needs_attention"
         summary = dict(counts, hosts=len(hosts), max_downtime_s=max(downs) if downs else None,
-                       max_rto_s=max(rtos) if rtos else None, ok=ok, dry_run=dry_run)
+                       max_rto_s=max(rtos) if rtos else None, ok=ok, dry_run=dry_run, incomplete=incomplete,
+                       outcome=outcome)
         return {"run": dict(run), "summary": summary, "hosts": hosts}
 
 
@@ -149,12 +158,13 @@ def _link(target, path):
 
 
 def link_latest(base, run_dir):
-    """<kind>/latest -> this run; report.json, report.md and latest at the top -> this run (the newest of any kind)."""
+    """<kind>/latest -> this run; report.json, report.md, report.html and latest at the top -> this run (the newest
+    of any kind)."""
     kind_dir = os.path.dirname(run_dir)
     _link(os.path.basename(run_dir), os.path.join(kind_dir, "latest"))
     rel = os.path.relpath(run_dir, base)
     _link(rel, os.path.join(base, "latest"))
-    for name in ("report.json", "report.md"):
+    for name in ("report.json", "report.md", "report.html"):
         _link(os.path.join(rel, name), os.path.join(base, name))
 
 
@@ -175,6 +185,7 @@ def render_markdown(report):
         "- run: `%s`" % md_text(run.get("id")),
         "- target: %s" % md_text(run.get("target") or "-"),
         "- started: %s" % md_text(run.get("started") or "-"),
+    ] + ["- %s: %s" % (key, md_text(run[key])) for key in RUN_EXTRAS if run.get(key) not in (None, "")] + [
         "- hosts: %d (upgraded %d, unchanged %d, rolled back %d, failed %d, refused %d, in progress %d, pending %d)" % (
             summary["hosts"], summary["upgraded"], summary["unchanged"], summary["rolled_back"], summary["failed"],
             summary.get("refused", 0), summary.get("in_progress", 0), summary["pending"]),
@@ -206,4 +217,8 @@ def _outcome(summary):
     if summary.get("dry_run"):
         return "DRY RUN (check mode): nothing was changed; %s" % (
             "the run would proceed" if summary["ok"] else "the run would NOT proceed for every host")
+    if summary.get("incomplete"):
+        pending = summary["pending"]
+        return "INCOMPLETE: %d host%s not reached (pending), untouched; run again to continue" % (
+            pending, "" if pending == 1 else "s")
     return "OK" if summary["ok"] else "NEEDS ATTENTION"

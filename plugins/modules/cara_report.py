@@ -8,14 +8,17 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: cara_report
-short_description: Record hosts' outcomes in the fleet report (report.json and report.md)
+short_description: Record hosts' outcomes in the fleet report (report.json, report.md and report.html)
 version_added: 0.1.0
 description:
   - Each run reports into its own directory, C(<dir>/<kind>/<id>/) (C(kind) and C(id) from O(run)), with one row per host
-    under C(rows/), and C(report.json) and C(report.md) regenerated from all rows, under a lock and atomically, so the
-    report is complete for every host a run reached even when the run stops half way.
-  - After each write of a real run, C(<dir>/<kind>/latest) points at it, and C(<dir>/report.json), C(<dir>/report.md)
-    and C(<dir>/latest) point at the newest run of any kind. An upgrade, a rollback and a drill never replace each
+    under C(rows/), and C(report.json), C(report.md) and C(report.html) regenerated from all rows, under a lock and
+    atomically, so the report is complete for every host a run reached even when the run stops half way.
+  - C(report.html) is the run as a picture, a self-contained page (no scripts, nothing loaded from elsewhere) with a
+    timeline of one row per host, grouped by batch (C(batch) of a row), and one bar per phase of the host's window
+    (C(phases) of a row, as M(carapace.fleet.cara_apply) records them) coloured by its outcome.
+  - After each write of a real run, C(<dir>/<kind>/latest) points at it, and C(<dir>/report.json), C(<dir>/report.md),
+    C(<dir>/report.html) and C(<dir>/latest) point at the newest run of any kind. An upgrade, a rollback and a drill never replace each
     other's reports.
   - A dry run (O(dry_run), the playbooks pass C(ansible_check_mode)) is written to its own run directory, marked as a
     dry run, and moves none of these links, so it never hides the last real report.
@@ -40,7 +43,9 @@ options:
   run:
     description:
       - Facts of the run. C(id) is required and identifies the run; C(kind) (upgrade, rollback, drill),
-        C(target), C(started), C(playbook) are shown in the report.
+        C(target), C(started), C(playbook) are shown in the report, and, when set, C(requested) (the version asked
+        for, for example V(latest)), C(window) (the maintenance window) and C(stopped) (why the run stopped before
+        every host, for example V(window_closed)).
     type: dict
     required: true
   row:
@@ -48,7 +53,8 @@ options:
       - One host's row. Keys C(host), C(from), C(to), C(result) (V(upgraded), V(unchanged), V(rolled_back), V(failed),
         V(refused) (a refusal before the host was touched), V(in_progress) (the service was stopped and the run has not
         finished the host yet), V(pending)), C(phase), C(downtime_s), C(rto_s), C(sha256), C(log_index), C(backup); other keys are kept under
-        C(details) (for example C(error)).
+        C(details) (for example C(error); C(batch), the host's batch, 1-based; C(phases), the window's phases, each
+        C(phase), C(start) and C(end) (epoch seconds, C(end) null while it runs), C(ok) and maybe C(error)).
     type: dict
   rows:
     description: Several rows at once (same keys as O(row)).
@@ -86,8 +92,12 @@ report:
       description: The run's facts.
       type: dict
     summary:
-      description: Counts per result, hosts, max downtime and RTO, C(dry_run), and C(ok) (no failed, refused, in progress
-        or rolled back host, and no pending host but in a dry run).
+      description:
+        - Counts per result, hosts, max downtime and RTO, C(dry_run), and C(ok) (no failed, refused, in progress
+          or rolled back host, and no pending host but in a dry run).
+        - C(incomplete) is true when the only hosts in the way of C(ok) are pending ones (not reached, untouched; the
+          next run continues), and C(outcome) says it in one word, V(dry_run), V(ok), V(incomplete) or
+          V(needs_attention).
       type: dict
     hosts:
       description: One row per host, sorted by host.
@@ -105,6 +115,11 @@ report_md:
   description: Path of this run's report.md.
   returned: success
   type: str
+report_html:
+  description: Path of this run's report.html, the run as a picture.
+  returned: success
+  type: str
+  version_added: 0.2.0
 """
 
 import os
@@ -139,7 +154,7 @@ def main():
     except ValueError as exc:
         module.fail_json(msg=str(exc))
     paths = dict(run_dir=run_dir, report_json=os.path.join(run_dir, "report.json"),
-                 report_md=os.path.join(run_dir, "report.md"))
+                 report_md=os.path.join(run_dir, "report.md"), report_html=os.path.join(run_dir, "report.html"))
     if module.check_mode:
         module.exit_json(changed=bool(p["row"] or p["rows"]), report=None, **paths)
     try:

@@ -150,11 +150,37 @@ def test_a_dry_run_is_marked_and_pending_is_not_a_problem(tmp_path):
     assert "(DRY RUN)" in md and "DRY RUN (check mode): nothing was changed" in md
 
 
-@pytest.mark.parametrize("result", ["refused", "in_progress", "pending"])
-def test_refused_in_progress_and_pending_need_attention(tmp_path, result):
-    report, _changed = Report(str(tmp_path)).write(RUN, rows=[row("a", result), row("b")])
+@pytest.mark.parametrize("result", ["refused", "in_progress"])
+def test_refused_and_in_progress_need_attention(tmp_path, result):
+    report, _changed = Report(str(tmp_path)).write(RUN, rows=[row("a", result), row("b", "pending")])
     assert report["summary"]["ok"] is False and report["summary"][result] == 1
+    assert report["summary"]["incomplete"] is False and report["summary"]["outcome"] == "needs_attention"
     md = (tmp_path / "report.md").read_text()
-    assert "NEEDS ATTENTION" in md
+    assert "- outcome: NEEDS ATTENTION\n" in md
     if result == "in_progress":
         assert "may be down" in md
+
+
+def test_only_pending_hosts_left_is_an_incomplete_run(tmp_path):
+    """A run that stopped before some hosts (a closed window, a stopped line) left them untouched: not OK (the exit
+    code says so), but nothing needs repair either."""
+    report, _changed = Report(str(tmp_path)).write(RUN, rows=[row("a", "pending"), row("b"), row("c", "pending")])
+    assert report["summary"]["ok"] is False and report["summary"]["incomplete"] is True
+    assert report["summary"]["outcome"] == "incomplete"
+    md = (tmp_path / "report.md").read_text()
+    assert "- outcome: INCOMPLETE: 2 hosts not reached (pending), untouched; run again to continue\n" in md
+    # a rollback in an upgrade run is something to look at, pending hosts or not; in a drill it is the plan
+    report, _changed = Report(str(tmp_path)).write(dict(RUN, id="run-2"), rows=[row("a", "pending"),
+                                                                                row("b", "rolled_back")])
+    assert report["summary"]["outcome"] == "needs_attention" and report["summary"]["incomplete"] is False
+    report, _changed = Report(str(tmp_path)).write(dict(RUN, id="run-3", kind="drill"), rows=[
+        row("a", "pending"), row("b", "rolled_back")])
+    assert report["summary"]["outcome"] == "incomplete"
+    assert "INCOMPLETE: 1 host not reached" in (tmp_path / "report.md").read_text()
+
+
+def test_the_outcome_names_ok_and_dry_runs(tmp_path):
+    report, _changed = Report(str(tmp_path)).write(RUN, rows=[row("a")])
+    assert (report["summary"]["outcome"], report["summary"]["incomplete"]) == ("ok", False)
+    report, _changed = Report(str(tmp_path)).write(dict(RUN, id="run-2", dry_run=True), rows=[row("a", "pending")])
+    assert (report["summary"]["outcome"], report["summary"]["incomplete"]) == ("dry_run", False)
