@@ -119,7 +119,7 @@ report_html:
   description: Path of this run's report.html, the run as a picture.
   returned: success
   type: str
-  version_added: 0.2.0
+  version_added: 0.3.0
 """
 
 import os
