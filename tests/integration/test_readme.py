@@ -160,7 +160,8 @@ def test_errors_name_the_variables_to_set(fleet):
 
 
 PLAYBOOK_VARS = ("cara_drill_host", "cara_drill_version", "cara_drill_report_dir", "cara_upgrade_serial",
-                 "cara_upgrade_max_fail_percentage", "cara_rollback_serial", "cara_verify_report_dir")
+                 "cara_upgrade_max_fail_percentage", "cara_rollback_serial", "cara_verify_report_dir",
+                 "cara_upgrade_window", "cara_upgrade_soak", "cara_notify_webhook_url")
 
 
 def test_the_docs_an_operator_reads():
@@ -172,7 +173,8 @@ def test_the_docs_an_operator_reads():
     assert "ansible-core 2.19" in text
     with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as f:
         assert re.search(r"^ansible-core>=2\.19,<2\.20$", f.read(), re.M)
-    for playbook, names in (("upgrade", ("cara_upgrade_serial", "cara_upgrade_max_fail_percentage")),
+    for playbook, names in (("upgrade", ("cara_upgrade_serial", "cara_upgrade_max_fail_percentage", "cara_upgrade_window",
+                                         "cara_upgrade_soak", "cara_notify_webhook_url")),
                             ("rollback", ("cara_rollback_serial",)),
                             ("rollback_drill", ("cara_drill_host", "cara_drill_version", "cara_drill_report_dir")),
                             ("verify_release", ("cara_verify_report_dir",))):
