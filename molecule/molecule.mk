@@ -2,7 +2,7 @@
 # BIN (.venv/bin), the `setup` target (venv + collection link) and exports ANSIBLE_COLLECTIONS_PATH and PATH.
 #
 #   make molecule-setup                  Debian packages, containers.conf, driver collections, host image
-#   make molecule                        the four drills (upgrade rollback_drill fail_closed resume), molecule test
+#   make molecule                        the drills (upgrade rollback_drill fail_closed resume) and schedule, molecule test
 #   make molecule S=smoke                one scenario (S=smoke: the container-host infrastructure itself)
 #   make molecule MOLECULE_DRIVER=docker S=upgrade    the same scenario on a Docker engine (a laptop)
 #   make molecule-run C=converge S=resume             another molecule command (hosts are kept)
@@ -13,9 +13,9 @@
 MOLECULE_DRIVER ?= podman
 MOLECULE_DIR := $(CURDIR)/molecule
 MOLECULE_STATE := $(CURDIR)/build/molecule
-# The rollback drills `make molecule` (and so `make test`) runs; S=<name> picks others, e.g. S=smoke (the
+# The rollback drills and the schedule scenario `make molecule` (and so `make test`) runs; S=<name> picks others, e.g. S=smoke (the
 # infrastructure's own check) or any directory of molecule/ holding a molecule.yml.
-MOLECULE_SCENARIOS := upgrade rollback_drill fail_closed resume
+MOLECULE_SCENARIOS := upgrade rollback_drill fail_closed resume schedule
 S ?= $(MOLECULE_SCENARIOS)
 C ?= converge
 # Environment of every molecule run (recipe-local: the rest of `make test` is not affected).

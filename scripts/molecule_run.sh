@@ -7,7 +7,9 @@
 #
 # Environment: BIN (venv bin), MOLECULE_DRIVER (podman | docker), and what molecule.mk exports (collections,
 # CONTAINERS_CONF, ANSIBLE_HOME). Exports to the scenarios: MOLECULE_RELEASES (the release tree) and
-# MOLECULE_RELEASE_URL (where it is served), used by molecule/base.yml.
+# MOLECULE_RELEASE_URL (where it is served), used by molecule/base.yml; MOLECULE_VENV (the venv, symlinks resolved)
+# and MOLECULE_PYTHON_HOME (the Python installation it was made from), which the schedule scenario mounts into its
+# host at the same paths to run ansible-playbook there.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -18,6 +20,14 @@ COMMAND="${1:?usage: molecule_run.sh COMMAND SCENARIO...}"
 shift
 STATE="$ROOT/build/molecule"
 export MOLECULE_RELEASES="$STATE/releases"
+MOLECULE_VENV="$(cd "$BIN/.." && pwd -P)"
+python_home="$(sed -n 's/^home *= *//p' "$MOLECULE_VENV/pyvenv.cfg")"
+MOLECULE_PYTHON_HOME="$(cd "$python_home/.." && pwd -P)"
+# A venv of the system's Python needs no mount (the host image has the same Debian python3); never mount over /usr.
+if [[ "$MOLECULE_PYTHON_HOME" == /usr || "$MOLECULE_PYTHON_HOME" == /usr/* ]]; then
+    MOLECULE_PYTHON_HOME="$STATE/no-python-home" && mkdir -p "$MOLECULE_PYTHON_HOME"
+fi
+export MOLECULE_VENV MOLECULE_PYTHON_HOME
 
 server_pid=""
 stop_server() {

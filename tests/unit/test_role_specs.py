@@ -27,7 +27,7 @@ def _role_values(role):
 
 
 def test_every_role_is_checked():
-    assert ROLES == ["cara_rollback", "cara_service", "cara_upgrade"]
+    assert ROLES == ["cara_rollback", "cara_schedule", "cara_service", "cara_upgrade"]
 
 
 @pytest.mark.parametrize("role", ROLES)
