@@ -103,7 +103,7 @@ options:
     description:
       - Seconds to keep watching a host that passed the checks (a canary's soak). Every O(soak_interval) seconds the
         V(health) and V(ready) checks of O(checks) run again, each round under a deadline of O(soak_interval) (at
-        least 5 s): a host that stops answering, reports another version or is not ready for that long has degraded,
+        least 5 s). A host that stops answering, reports another version or is not ready for that long has degraded,
         and the task fails with that round's check (cause as the check's, RV(soak) says when).
       - V(0) (the default) checks once. The C(cara verify) checks are not repeated (each costs a model call).
     type: int
