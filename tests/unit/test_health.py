@@ -459,3 +459,44 @@ def test_gate_scrubs_secrets_from_results_and_message():
     res = gate(cli, clock, healthy_get(), secrets=["s3cr3t-TOKEN"]).run()
     assert "s3cr3t-TOKEN" not in json.dumps(res)
     assert "token ******** rejected" in res["msg"]
+
+
+# -- the soak ----------------------------------------------------------------------------------------------------------
+
+class SoakGate:
+    """Stands in for a HealthGate round: passes until round `fail_at` (1-based), each round taking `took` seconds."""
+
+    def __init__(self, clock, fail_at=None, took=0.5):
+        self.clock, self.fail_at, self.took, self.rounds = clock, fail_at, took, 0
+
+    def __call__(self):
+        return self
+
+    def run(self):
+        self.rounds += 1
+        self.clock.now += self.took
+        passed = self.fail_at is None or self.rounds < self.fail_at
+        return {"passed": passed, "msg": "round %d" % self.rounds, "failed_check": None if passed else "ready"}
+
+
+def test_soak_holds_for_the_whole_time_then_passes():
+    clock = FakeClock()
+    gate = SoakGate(clock)
+    held = _health.soak(gate, hold=30, interval=5, clock=clock, sleep=clock.sleep)
+    assert held["passed"] and held["failed_after_s"] is None
+    assert held["held_s"] >= 30 and held["rounds"] == gate.rounds == 7  # 0, 5.5, 11, ... until 30 s have passed
+    assert all(s <= 5 for s in clock.sleeps)
+
+
+def test_soak_stops_at_the_first_round_that_fails():
+    clock = FakeClock()
+    gate = SoakGate(clock, fail_at=3)
+    held = _health.soak(gate, hold=600, interval=5, clock=clock, sleep=clock.sleep)
+    assert not held["passed"] and held["rounds"] == 3 and held["last"]["failed_check"] == "ready"
+    assert held["failed_after_s"] == held["held_s"] < 20  # long before the 600 s
+
+
+def test_soak_never_sleeps_past_its_end():
+    clock = FakeClock()
+    held = _health.soak(SoakGate(clock, took=0), hold=12, interval=5, clock=clock, sleep=clock.sleep)
+    assert held["passed"] and clock.sleeps == [5, 5, 2]
