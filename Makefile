@@ -105,7 +105,7 @@ unit: setup
 # Runbook tests mostly wait on real processes: three pytest-xdist workers keep 2 cores busy (TEST_JOBS=0: serial).
 TEST_JOBS ?= 3
 integration: setup browser
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal tests/integration
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal --durations=15 tests/integration
 
 # tests/integration/test_report_html.py renders report.html in a real browser: Debian's Chromium, headless.
 browser:

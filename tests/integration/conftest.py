@@ -235,9 +235,10 @@ def make_fleet(tmp_path, releases):  # pylint: disable=redefined-outer-name
 
 # The long runbook tests first, longest first, so that under pytest-xdist the short tests fill the workers at the end
 # instead of one worker running a long test alone.
-SLOW_FIRST = ("test_fleet_kill_points.py", "test_readme.py", "test_fleet_operator.py", "test_fleet_roles.py",
-              "test_fleet_refusals_and_chains.py", "test_fleet_playbooks.py", "test_fleet_never_resumed.py",
-              "test_fleet_tags.py")
+SLOW_FIRST = ("test_fleet_kill_points.py", "test_readme.py", "test_fleet_unattended.py", "test_fleet_latest.py",
+              "test_fleet_operator.py", "test_fleet_roles.py", "test_fleet_refusals_and_chains.py",
+              "test_fleet_playbooks.py", "test_fleet_never_resumed.py", "test_fleet_tags.py", "test_ansible_runner.py",
+              "test_release_tags_module.py")
 
 
 def pytest_collection_modifyitems(items):
