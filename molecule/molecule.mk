@@ -15,7 +15,7 @@ MOLECULE_DIR := $(CURDIR)/molecule
 MOLECULE_STATE := $(CURDIR)/build/molecule
 # The rollback drills and the schedule scenario `make molecule` (and so `make test`) runs; S=<name> picks others, e.g. S=smoke (the
 # infrastructure's own check) or any directory of molecule/ holding a molecule.yml.
-MOLECULE_SCENARIOS := upgrade rollback_drill fail_closed resume schedule
+MOLECULE_SCENARIOS := resume rollback_drill fail_closed upgrade schedule
 S ?= $(MOLECULE_SCENARIOS)
 C ?= converge
 # Environment of every molecule run (recipe-local: the rest of `make test` is not affected).

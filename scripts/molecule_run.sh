@@ -48,14 +48,43 @@ else
 fi
 
 start=$SECONDS
-for s in "$@"; do
-    echo "== molecule $COMMAND -s $s ($DRIVER)"
-    t=$SECONDS
-    if [[ "$COMMAND" == destroy ]]; then
+if [[ "$COMMAND" == destroy ]]; then
+    for s in "$@"; do
+        echo "== molecule destroy -s $s ($DRIVER)"
         "$BIN/molecule" --base-config molecule/base.yml --base-config "molecule/$DRIVER.yml" destroy -s "$s" || true
-        continue
-    fi
-    "$BIN/molecule" --base-config molecule/base.yml --base-config "molecule/$DRIVER.yml" "$COMMAND" -s "$s"
-    echo "== molecule $COMMAND -s $s passed in $((SECONDS - t)) s"
+    done
+    exit 0
+fi
+
+# Scenarios are independent (own containers, network, run dir) and mostly wait on their hosts (a scenario keeps about
+# half a core busy), so MOLECULE_JOBS of them run at once (default 2); each one's output goes to its log, shown
+# when it ends. After a failure no further scenario starts.
+JOBS="${MOLECULE_JOBS:-2}"
+LOGS="$STATE/logs"
+mkdir -p "$LOGS"
+one() {
+    local s="$1" t=$SECONDS rc=0
+    "$BIN/molecule" --base-config molecule/base.yml --base-config "molecule/$DRIVER.yml" "$COMMAND" -s "$s" \
+        >"$LOGS/$s.log" 2>&1 || rc=$?
+    { echo "== molecule $COMMAND -s $s ($DRIVER)"; cat "$LOGS/$s.log"
+      if (( rc == 0 )); then echo "== molecule $COMMAND -s $s passed in $((SECONDS - t)) s"
+      else echo "== molecule $COMMAND -s $s FAILED (rc $rc) after $((SECONDS - t)) s"; fi; } | flock "$LOGS/.print" cat
+    return "$rc"
+}
+running=()
+failed=""
+reap() {  # wait for one of the running scenarios to end
+    local done_pid="" p keep=()
+    wait -n -p done_pid "${running[@]}" || failed=1
+    for p in "${running[@]}"; do [[ "$p" == "$done_pid" ]] || keep+=("$p"); done
+    running=("${keep[@]}")
+}
+for s in "$@"; do
+    while (( ${#running[@]} >= JOBS )); do reap; done
+    [[ -n "$failed" ]] && break
+    one "$s" &
+    running+=($!)
 done
+while (( ${#running[@]} > 0 )); do reap; done
+if [[ -n "$failed" ]]; then echo "== molecule $COMMAND: a scenario failed" >&2; exit 1; fi
 echo "== molecule $COMMAND: $# scenario(s) passed in $((SECONDS - start)) s"
