@@ -302,8 +302,8 @@ def _soak(module, p, first):
     last = held.pop("last")
     if held["passed"]:
         first["soak"] = held
-        first["msg"] = "%s; held for %.0fs (%d rounds of %s)" % (first["msg"], held["held_s"], held["rounds"],
-                                                                  ", ".join(checks))
+        first["msg"] = "%s; held for %.0fs (%d rounds of %s)" % (
+            first["msg"], held["held_s"], held["rounds"], ", ".join(checks))
         return first
     last["soak"] = held
     last["msg"] = "degraded during the soak, %.0fs after the checks passed: %s" % (held["failed_after_s"], last["msg"])
